@@ -1,0 +1,324 @@
+"""The campaign file: pydantic models of the YAML, and every check made before work starts.
+
+Everything a campaign needs is declared here once and validated at the edge
+(:func:`load_config`); the rest of ionflow trusts a :class:`CampaignConfig`.
+Units: Å, eV, fs, K.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from ase import Atoms
+from ase.data import atomic_numbers
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ionflow.platform.structures import (
+    charge_state_problem,
+    overlap_problem,
+    read_structures,
+    with_charge_state,
+)
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class InlineStructure(Strict):
+    """A structure written out in the campaign file."""
+
+    symbols: list[str] = Field(description="Chemical symbols, one per atom (e.g. ['O', 'H', 'H']).")
+    positions: list[tuple[float, float, float]] = Field(description="Cartesian positions in Å, one row per atom.")
+    cell: list[tuple[float, float, float]] | None = Field(None, description="3x3 cell in Å (rows are lattice vectors).")
+    pbc: bool = Field(False, description="Periodic in all three directions (needs a cell).")
+
+    @field_validator("symbols")
+    @classmethod
+    def _known_elements(cls, symbols: list[str]) -> list[str]:
+        unknown = sorted({s for s in symbols if s not in atomic_numbers or s == "X"})
+        if unknown:
+            raise ValueError(f"unknown element(s): {', '.join(unknown)}")
+        if not symbols:
+            raise ValueError("a structure needs at least one atom")
+        return symbols
+
+    @model_validator(mode="after")
+    def _shapes(self) -> InlineStructure:
+        if len(self.positions) != len(self.symbols):
+            raise ValueError(f"{len(self.symbols)} symbols but {len(self.positions)} positions")
+        if self.pbc and self.cell is None:
+            raise ValueError("pbc: true needs a cell")
+        return self
+
+    def to_atoms(self) -> Atoms:
+        return Atoms(symbols=self.symbols, positions=self.positions, cell=self.cell, pbc=self.pbc)
+
+
+def _structure_kind(value: Any) -> str:
+    """A mapping is an inline structure, anything else a path: errors then name one branch."""
+    return "inline" if isinstance(value, (dict, InlineStructure)) else "file"
+
+
+StructureSource = Annotated[
+    Annotated[InlineStructure, Tag("inline")] | Annotated[Path, Tag("file")],
+    Discriminator(_structure_kind),
+]
+
+
+class SystemConfig(Strict):
+    """The chemical system: a starting structure, its total charge and spin multiplicity."""
+
+    structure: StructureSource = Field(
+        description="Starting structure: inline (symbols/positions) or a path to any ASE-readable file, "
+        "relative to the campaign file."
+    )
+    charge: int = Field(0, description="Total charge in e.")
+    multiplicity: int = Field(1, ge=1, description="Spin multiplicity 2S+1.")
+
+    def atoms(self) -> Atoms:
+        """The starting structure with charge and multiplicity in ``info``."""
+        if isinstance(self.structure, InlineStructure):
+            atoms = self.structure.to_atoms()
+        else:
+            atoms = read_structures(self.structure, index="0")[0]
+        return with_charge_state(atoms, self.charge, self.multiplicity)
+
+    @model_validator(mode="after")
+    def _physical(self) -> SystemConfig:
+        if isinstance(self.structure, Path):
+            if not self.structure.is_file():
+                raise ValueError(f"structure file {self.structure} does not exist")
+            try:
+                read_structures(self.structure, index="0")
+            except Exception as exc:  # ASE raises many types for unreadable files
+                raise ValueError(f"cannot read structure file {self.structure}: {exc}") from exc
+        atoms = self.atoms()
+        problem = charge_state_problem(atoms.numbers, self.charge, self.multiplicity)
+        if problem:
+            raise ValueError(f"charge/multiplicity: {problem} (formula {atoms.get_chemical_formula()})")
+        problem = overlap_problem(atoms)
+        if problem:
+            raise ValueError(f"structure: {problem}")
+        return self
+
+
+class ReferenceConfig(Strict):
+    """The reference method that labels structures."""
+
+    adapter: str = Field("pyscf", description="Reference adapter: 'pyscf' or 'tblite'.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="Adapter settings (level of theory).")
+
+    @model_validator(mode="after")
+    def _valid_settings(self) -> ReferenceConfig:
+        from ionflow.dft_adapters import ADAPTER_NAMES, settings_model
+
+        if self.adapter not in ADAPTER_NAMES:
+            raise ValueError(f"unknown adapter {self.adapter!r}; known: {', '.join(ADAPTER_NAMES)}")
+        try:
+            validated = settings_model(self.adapter).model_validate(self.settings)
+        except ValidationError as exc:
+            raise ValueError(f"settings for adapter {self.adapter!r}: {_first_errors(exc)}") from None
+        self.settings = validated.model_dump(mode="json")
+        return self
+
+
+class ModelConfig(Strict):
+    """The MACE backbone of every committee member (kept small: it is retrained each iteration)."""
+
+    committee_size: int = Field(3, ge=2, le=16, description="Number of independently trained members.")
+    r_max: float = Field(4.0, gt=0.5, le=12.0, description="Cutoff radius in Å.")
+    num_interactions: int = Field(2, ge=1, le=4, description="Message-passing layers.")
+    hidden_irreps: str = Field("16x0e+16x1o", description="e3nn irreps of the hidden node features.")
+    mlp_irreps: str = Field("16x0e", description="Irreps of the non-linear readout.")
+    max_ell: int = Field(2, ge=1, le=3, description="Highest spherical harmonic of the edge attributes.")
+    correlation: int = Field(2, ge=1, le=3, description="Body order of the product basis minus one.")
+    num_bessel: int = Field(8, ge=2, le=16, description="Radial Bessel functions.")
+    num_polynomial_cutoff: int = Field(5, ge=2, le=10, description="Order of the smooth cutoff envelope.")
+    dtype: Literal["float32", "float64"] = Field("float64", description="Floating point precision.")
+
+    @field_validator("hidden_irreps", "mlp_irreps")
+    @classmethod
+    def _irreps(cls, value: str) -> str:
+        import mace  # noqa: F401  (mace first: it lets e3nn load its constants on torch >= 2.6)
+        from e3nn import o3
+
+        try:
+            o3.Irreps(value)
+        except Exception as exc:
+            raise ValueError(f"not valid e3nn irreps: {value!r} ({exc})") from None
+        return value
+
+
+class TrainingConfig(Strict):
+    """Fitting the committee to the labels."""
+
+    epochs: int = Field(300, ge=1, description="Epochs for the first model (from scratch).")
+    finetune_epochs: int = Field(120, ge=1, description="Epochs when a model is refined from its parent.")
+    learning_rate: float = Field(1e-2, gt=0, le=1.0, description="Adam learning rate.")
+    batch_size: int = Field(32, ge=1, description="Structures per optimiser step.")
+    energy_weight: float = Field(10.0, ge=0, description="Weight of the per-atom energy error (eV/atom)^2.")
+    forces_weight: float = Field(1.0, ge=0, description="Weight of the force error (eV/Å)^2.")
+    valid_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of labels kept out for validation.")
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> TrainingConfig:
+        if self.energy_weight == 0 and self.forces_weight == 0:
+            raise ValueError("energy_weight and forces_weight cannot both be 0")
+        return self
+
+
+class BootstrapConfig(Strict):
+    """The first labels: random displacements of the starting structure."""
+
+    n_train: int = Field(8, ge=2, description="Rattled structures labelled to train the first model.")
+    n_test: int = Field(6, ge=1, description="Rattled structures labelled once as the fixed test set.")
+    rattle_stdev: float = Field(0.04, gt=0, le=0.5, description="Standard deviation of the displacements, Å.")
+
+
+class ExploreConfig(Strict):
+    """Langevin MD walkers driven by the committee mean."""
+
+    walkers: int = Field(4, ge=1, le=256, description="Independent MD walkers per iteration.")
+    steps: int = Field(200, ge=1, description="MD steps per walker per iteration.")
+    timestep_fs: float = Field(0.5, gt=0, le=5.0, description="Time step in fs.")
+    temperature_K: float = Field(350.0, gt=0, description="Thermostat temperature in K.")
+    friction_per_fs: float = Field(0.02, gt=0, description="Langevin friction in 1/fs.")
+    sample_every: int = Field(10, ge=1, description="Keep one frame as a candidate every this many steps.")
+    stop_uncertainty: float = Field(
+        1.0, gt=0, description="Stop a walker when its largest per-atom force spread exceeds this (eV/Å)."
+    )
+    temperature_ramp: float = Field(
+        1.0, ge=1.0, description="Multiply the temperature by this factor each iteration (explore further)."
+    )
+
+    @model_validator(mode="after")
+    def _sampling(self) -> ExploreConfig:
+        if self.sample_every > self.steps:
+            raise ValueError(f"sample_every ({self.sample_every}) is larger than steps ({self.steps})")
+        return self
+
+
+class SelectionConfig(Strict):
+    """Which explored frames are worth a reference calculation."""
+
+    per_iteration: int = Field(6, ge=1, description="At most this many frames are labelled per iteration.")
+    threshold: float = Field(
+        0.05, gt=0, description="Frames whose largest per-atom force spread (eV/Å) is below this are trusted."
+    )
+    ceiling: float = Field(
+        2.0, gt=0, description="Frames above this force spread (eV/Å) are treated as unphysical and skipped."
+    )
+    min_distance: float = Field(
+        0.02, ge=0, description="Frames closer than this descriptor distance (Å) to a chosen one are duplicates."
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> SelectionConfig:
+        if self.ceiling <= self.threshold:
+            raise ValueError(f"ceiling ({self.ceiling}) must be above threshold ({self.threshold})")
+        return self
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class CampaignConfig(Strict):
+    """One active-learning campaign."""
+
+    name: str = Field(description="Campaign name; also the name of its folder.")
+    workdir: Path = Field(Path("runs"), description="Folder that holds campaign folders (relative to the cwd).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the provenance database; default: SQLite in the campaign folder."
+    )
+    iterations: int = Field(3, ge=1, le=1000, description="Explore-select-label-train iterations after bootstrap.")
+    max_labels: int | None = Field(None, ge=1, description="Stop once this many reference labels exist.")
+    seed: int = Field(0, ge=0, description="Seed of every random choice (rattles, MD, initial weights).")
+    system: SystemConfig
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    explore: ExploreConfig = Field(default_factory=ExploreConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError("use letters, digits, '_', '-' and '.', starting with a letter or digit (max 64)")
+        return name
+
+    @property
+    def campaign_dir(self) -> Path:
+        return (self.workdir / self.name).resolve()
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.campaign_dir / 'ionflow.db'}"
+
+    def science_hash(self) -> str:
+        """Hash of everything that changes what the campaign computes (not where it writes)."""
+        data = self.model_dump(mode="json", exclude={"workdir", "database_url", "iterations", "max_labels"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class ConfigError(ValueError):
+    """A campaign file that cannot be used; the message names the file and the field."""
+
+
+def _first_errors(exc: ValidationError, limit: int = 5) -> str:
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not a setting of this section)"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    system = raw.get("system")
+    if isinstance(system, dict) and isinstance(system.get("structure"), str):
+        path = Path(system["structure"]).expanduser()
+        system["structure"] = str(path if path.is_absolute() else base / path)
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> CampaignConfig:
+    """Read and validate a campaign file; raise :class:`ConfigError` naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such campaign file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    raw.update(overrides or {})
+    raw = _resolve_paths(raw, path.parent.resolve())
+    try:
+        return CampaignConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_first_errors(exc)}") from None
+

@@ -1,0 +1,287 @@
+"""The provenance schema: one ORM class per thing a campaign records.
+
+Every row says where a thing came from (campaign, iteration, MD run, parent
+model); big arrays live in the content-addressed object store
+(:mod:`ionflow.db.objects`) and rows hold only their relative paths and sha256.
+Timestamps are timezone-aware UTC. Units: energies eV, forces eV/Å,
+temperatures K, time steps fs, wall times s.
+
+The schema is created by the Alembic migrations in ``migrations/versions``,
+never by ``metadata.create_all``; a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: Constraint names are fixed by convention so that migrations can refer to them
+#: (SQLite batch operations and PostgreSQL ``DROP CONSTRAINT`` need names).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+CAMPAIGN_STATUSES = ("running", "finished", "stopped", "failed")
+CALCULATION_STATUSES = ("ok", "failed", "unconverged", "timeout")
+TRAINING_SPLITS = ("train", "valid")
+
+Hash = String(64)  # a sha256 hex digest
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always read back timezone-aware.
+
+    SQLite keeps no zone with a DATETIME, so values are converted to UTC on the way
+    in and marked UTC on the way out; PostgreSQL stores ``timestamptz``.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: ionflow stores timezone-aware UTC times")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+
+
+class Campaign(Base):
+    """One active-learning campaign: a config, a working folder and its iterations."""
+
+    __tablename__ = "campaign"
+    __table_args__ = (CheckConstraint(_one_of("status", CAMPAIGN_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+    config: Mapped[dict[str, Any]]  # the validated campaign config
+    config_hash: Mapped[str] = mapped_column(Hash)
+    status: Mapped[str] = mapped_column(default="running")
+    workdir: Mapped[str]  # absolute path of the campaign folder
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    prefect_flow_run_id: Mapped[str | None]  # a reference only; the database is the truth
+
+    iterations: Mapped[list[Iteration]] = relationship(
+        back_populates="campaign", order_by="Iteration.index"
+    )
+    models: Mapped[list[Model]] = relationship(back_populates="campaign", order_by="Model.version")
+    structures: Mapped[list[Structure]] = relationship(back_populates="campaign")
+
+
+class Iteration(Base):
+    """One pass of explore -> select -> label -> train -> evaluate."""
+
+    __tablename__ = "iteration"
+    # the unique constraint's leading column also indexes campaign_id
+    __table_args__ = (UniqueConstraint("campaign_id", "index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaign.id"))
+    index: Mapped[int]  # 0, 1, 2, ... within the campaign
+    status: Mapped[str] = mapped_column(default="started")  # started, explored, selected, labelled, trained, done
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    metrics: Mapped[dict[str, Any] | None]
+    prefect_flow_run_id: Mapped[str | None]
+
+    campaign: Mapped[Campaign] = relationship(back_populates="iterations")
+    md_runs: Mapped[list[MDRun]] = relationship(back_populates="iteration")
+    decisions: Mapped[list[SelectionDecision]] = relationship(back_populates="iteration")
+    models: Mapped[list[Model]] = relationship(back_populates="iteration")
+
+
+class Structure(Base):
+    """A geometry with its charge state, identified by its content hash.
+
+    The atoms live in the object store at ``path`` (extxyz); ``md_run_id`` names the
+    MD run it was taken from, if any.
+    """
+
+    __tablename__ = "structure"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hash: Mapped[str] = mapped_column(Hash, unique=True)  # ionflow.platform.structures.structure_hash
+    formula: Mapped[str]
+    n_atoms: Mapped[int]
+    charge: Mapped[int]  # total charge, e
+    multiplicity: Mapped[int]  # 2S+1
+    path: Mapped[str]  # extxyz file, relative to the object-store root
+    origin: Mapped[str]  # initial, test, md, user, ...
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaign.id"), index=True)
+    iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
+    # structure -> md_run -> structure (its start) is a cycle; use_alter lets
+    # PostgreSQL add this key after both tables exist
+    md_run_id: Mapped[int | None] = mapped_column(ForeignKey("md_run.id", use_alter=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    campaign: Mapped[Campaign | None] = relationship(back_populates="structures")
+    iteration: Mapped[Iteration | None] = relationship()
+    md_run: Mapped[MDRun | None] = relationship(back_populates="structures", foreign_keys=[md_run_id])
+    calculations: Mapped[list[Calculation]] = relationship(back_populates="structure")
+
+
+class Calculation(Base):
+    """One reference (DFT) calculation of one structure at one level of theory.
+
+    ``(structure_id, settings_hash)`` is unique: it is the resume key, so a
+    calculation is never repeated. Forces (eV/Å) and the other arrays are in the
+    npz at ``results_path``; ``energy`` is in eV.
+    """
+
+    __tablename__ = "calculation"
+    # the unique constraint's leading column also indexes structure_id
+    __table_args__ = (
+        UniqueConstraint("structure_id", "settings_hash"),
+        CheckConstraint(_one_of("status", CALCULATION_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    structure_id: Mapped[int] = mapped_column(ForeignKey("structure.id"))
+    adapter: Mapped[str]
+    code_version: Mapped[str]
+    settings_hash: Mapped[str] = mapped_column(Hash, index=True)
+    settings: Mapped[dict[str, Any]]
+    status: Mapped[str]  # ok, failed, unconverged, timeout
+    energy: Mapped[float | None]  # eV
+    results_path: Mapped[str | None]  # npz in the object store
+    results_sha256: Mapped[str | None] = mapped_column(Hash)
+    wall_time_s: Mapped[float] = mapped_column(default=0.0)
+    error: Mapped[str | None] = mapped_column(Text)
+    host: Mapped[str | None]
+    run_dir: Mapped[str | None]
+    iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    structure: Mapped[Structure] = relationship(back_populates="calculations")
+    iteration: Mapped[Iteration | None] = relationship()
+
+
+class Model(Base):
+    """A trained model version; ``parent`` is the model it was fine-tuned from."""
+
+    __tablename__ = "model"
+    # the unique constraint's leading column also indexes campaign_id
+    __table_args__ = (UniqueConstraint("campaign_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaign.id"))
+    iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
+    version: Mapped[int]
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model.id"), index=True)
+    kind: Mapped[str]
+    hyperparameters: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any] | None]
+    checkpoint_path: Mapped[str]  # relative to the object-store root
+    checkpoint_sha256: Mapped[str] = mapped_column(Hash)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    campaign: Mapped[Campaign] = relationship(back_populates="models")
+    iteration: Mapped[Iteration | None] = relationship(back_populates="models")
+    parent: Mapped[Model | None] = relationship(remote_side=[id], back_populates="children")
+    children: Mapped[list[Model]] = relationship(back_populates="parent")
+    training_members: Mapped[list[TrainingMember]] = relationship(
+        back_populates="model", cascade="all, delete-orphan"
+    )
+
+
+class TrainingMember(Base):
+    """A calculation in a model's training (``train``) or validation (``valid``) set."""
+
+    __tablename__ = "model_training_member"
+    __table_args__ = (CheckConstraint(_one_of("split", TRAINING_SPLITS), name="split"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id"), primary_key=True)
+    calculation_id: Mapped[int] = mapped_column(ForeignKey("calculation.id"), primary_key=True, index=True)
+    split: Mapped[str] = mapped_column(default="train")
+
+    model: Mapped[Model] = relationship(back_populates="training_members")
+    calculation: Mapped[Calculation] = relationship()
+
+
+class MDRun(Base):
+    """One MD walker run by a model from a start structure, and why it stopped."""
+
+    __tablename__ = "md_run"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaign.id"), index=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iteration.id"), index=True)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("model.id"), index=True)
+    start_structure_id: Mapped[int] = mapped_column(ForeignKey("structure.id"), index=True)
+    walker: Mapped[int]
+    temperature_K: Mapped[float]
+    timestep_fs: Mapped[float]
+    n_steps_requested: Mapped[int]
+    n_steps_done: Mapped[int]
+    stop_reason: Mapped[str]
+    trajectory_path: Mapped[str | None]  # relative to the object-store root
+    wall_time_s: Mapped[float] = mapped_column(default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    campaign: Mapped[Campaign] = relationship()
+    iteration: Mapped[Iteration] = relationship(back_populates="md_runs")
+    model: Mapped[Model | None] = relationship()
+    start_structure: Mapped[Structure] = relationship(foreign_keys=[start_structure_id])
+    structures: Mapped[list[Structure]] = relationship(
+        back_populates="md_run", foreign_keys="Structure.md_run_id"
+    )
+
+
+class SelectionDecision(Base):
+    """Why a candidate structure was (or was not) sent for labelling in an iteration."""
+
+    __tablename__ = "selection_decision"
+    # the unique constraint's leading column also indexes iteration_id
+    __table_args__ = (UniqueConstraint("iteration_id", "structure_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iteration.id"))
+    structure_id: Mapped[int] = mapped_column(ForeignKey("structure.id"), index=True)
+    md_run_id: Mapped[int | None] = mapped_column(ForeignKey("md_run.id"), index=True)
+    score: Mapped[float]  # force uncertainty, eV/Å
+    energy_uncertainty: Mapped[float | None]  # eV
+    threshold: Mapped[float]  # eV/Å, same measure as score
+    chosen: Mapped[bool]
+    reason: Mapped[str]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    iteration: Mapped[Iteration] = relationship(back_populates="decisions")
+    structure: Mapped[Structure] = relationship()
+    md_run: Mapped[MDRun | None] = relationship()

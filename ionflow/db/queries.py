@@ -1,0 +1,178 @@
+"""Read-side questions the CLI, the flows and the dashboard ask of the database.
+
+Plain functions over a :class:`~sqlalchemy.orm.Session`. Each answers with a
+fixed, small number of queries (aggregates and joins, never one query per row),
+so they stay fast on campaigns with many thousands of structures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, literal, select
+from sqlalchemy.orm import Session, aliased, joinedload
+
+from ionflow.db.models import (
+    Calculation,
+    Campaign,
+    Iteration,
+    MDRun,
+    Model,
+    SelectionDecision,
+    Structure,
+    TrainingMember,
+)
+
+#: Parent chains longer than this are treated as corrupt (a cycle) and cut.
+_MAX_LINEAGE_DEPTH = 10_000
+
+
+def campaign_by_name(session: Session, name: str) -> Campaign | None:
+    """The campaign called ``name``, or None."""
+    return session.scalars(select(Campaign).where(Campaign.name == name)).one_or_none()
+
+
+def find_calculation(session: Session, structure_hash: str, settings_hash: str) -> Calculation | None:
+    """The calculation of the structure with ``structure_hash`` at ``settings_hash``, or None.
+
+    This is the resume check: a hit (whatever its status) means the calculation was
+    already run and must not be repeated.
+    """
+    stmt = (
+        select(Calculation)
+        .join(Calculation.structure)
+        .where(Structure.hash == structure_hash, Calculation.settings_hash == settings_hash)
+    )
+    return session.scalars(stmt).one_or_none()
+
+
+def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
+    """One summary dict per iteration of a campaign, in iteration order.
+
+    Keys: ``index``, ``status``; ``n_labels``: ok calculations of the campaign's
+    structures made in this or an earlier iteration or outside any iteration
+    (cumulative, the training-set size available); ``n_failed``: calculations of this
+    iteration that did not end ``ok`` (failed, unconverged, timeout); ``n_selected``:
+    structures chosen for labelling in this iteration; ``n_md_runs``; ``model_version``:
+    the newest model trained in this iteration, or None; ``metrics`` (``{}`` if unset).
+    """
+    iterations = session.scalars(
+        select(Iteration).where(Iteration.campaign_id == campaign_id).order_by(Iteration.index)
+    ).all()
+    in_campaign = select(Iteration.id).where(Iteration.campaign_id == campaign_id)
+
+    # ok labels per iteration id (None: labelled outside the loop, e.g. the initial set)
+    ok_by_iteration = dict(
+        session.execute(
+            select(Calculation.iteration_id, func.count())
+            .join(Calculation.structure)
+            .where(Structure.campaign_id == campaign_id, Calculation.status == "ok")
+            .group_by(Calculation.iteration_id)
+        ).all()
+    )
+    failed = _count_by_iteration(
+        session, Calculation.iteration_id, Calculation.iteration_id.in_(in_campaign), Calculation.status != "ok"
+    )
+    selected = _count_by_iteration(
+        session,
+        SelectionDecision.iteration_id,
+        SelectionDecision.iteration_id.in_(in_campaign),
+        SelectionDecision.chosen.is_(True),
+    )
+    md_runs = _count_by_iteration(session, MDRun.iteration_id, MDRun.campaign_id == campaign_id)
+    model_versions = dict(
+        session.execute(
+            select(Model.iteration_id, func.max(Model.version))
+            .where(Model.campaign_id == campaign_id, Model.iteration_id.is_not(None))
+            .group_by(Model.iteration_id)
+        ).all()
+    )
+
+    table = []
+    for it in iterations:
+        n_labels = sum(n for iid, n in ok_by_iteration.items() if iid is None or iid <= it.id)
+        table.append(
+            {
+                "index": it.index,
+                "status": it.status,
+                "n_labels": n_labels,
+                "n_failed": failed.get(it.id, 0),
+                "n_selected": selected.get(it.id, 0),
+                "n_md_runs": md_runs.get(it.id, 0),
+                "model_version": model_versions.get(it.id),
+                "metrics": it.metrics or {},
+            }
+        )
+    return table
+
+
+def _count_by_iteration(session: Session, iteration_id: Any, *where: Any) -> dict[int, int]:
+    rows = session.execute(select(iteration_id, func.count()).where(*where).group_by(iteration_id))
+    return dict(rows.all())
+
+
+def model_lineage(session: Session, model_id: int) -> dict[str, Any]:
+    """Everything a model came from.
+
+    Returns a dict with
+      ``model``: the :class:`Model`;
+      ``ancestors``: its parent, grandparent, ... (nearest first);
+      ``members``: its :class:`TrainingMember` rows (``split`` is train/valid), each with
+      ``calculation`` and ``calculation.structure`` loaded;
+      ``calculations`` and ``structures``: those calculations and their structures;
+      ``md_runs``: the MD runs the structures were taken from (``structure.md_run_id``);
+      ``decisions``: the selection decisions about those structures.
+    Raises ``LookupError`` if there is no model ``model_id``.
+    """
+    model = session.get(Model, model_id)
+    if model is None:
+        raise LookupError(f"no model with id {model_id}")
+
+    # the parent chain in one recursive query
+    chain = (
+        select(Model.id, Model.parent_id, literal(0).label("depth"))
+        .where(Model.id == model_id)
+        .cte("chain", recursive=True)
+    )
+    parent = aliased(Model)
+    chain = chain.union_all(
+        select(parent.id, parent.parent_id, chain.c.depth + 1).where(
+            parent.id == chain.c.parent_id, chain.c.depth < _MAX_LINEAGE_DEPTH
+        )
+    )
+    ancestors = session.scalars(
+        select(Model).join(chain, Model.id == chain.c.id).where(chain.c.depth > 0).order_by(chain.c.depth)
+    ).all()
+
+    members = session.scalars(
+        select(TrainingMember)
+        .where(TrainingMember.model_id == model_id)
+        .options(joinedload(TrainingMember.calculation).joinedload(Calculation.structure))
+        .order_by(TrainingMember.calculation_id)
+    ).all()
+    calculations = [m.calculation for m in members]
+    structures = list({c.structure.id: c.structure for c in calculations}.values())
+
+    # subqueries rather than id lists: no bound-parameter limit however large the training set
+    trained_structures = (
+        select(Calculation.structure_id)
+        .join(TrainingMember, TrainingMember.calculation_id == Calculation.id)
+        .where(TrainingMember.model_id == model_id)
+    )
+    source_runs = select(Structure.md_run_id).where(Structure.id.in_(trained_structures))
+    md_runs = session.scalars(select(MDRun).where(MDRun.id.in_(source_runs)).order_by(MDRun.id)).all()
+    decisions = session.scalars(
+        select(SelectionDecision)
+        .where(SelectionDecision.structure_id.in_(trained_structures))
+        .order_by(SelectionDecision.iteration_id, SelectionDecision.id)
+    ).all()
+
+    return {
+        "model": model,
+        "ancestors": list(ancestors),
+        "members": list(members),
+        "calculations": calculations,
+        "structures": structures,
+        "md_runs": list(md_runs),
+        "decisions": list(decisions),
+    }

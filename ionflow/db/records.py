@@ -1,0 +1,170 @@
+"""What a campaign writes and reads back: structures, calculations, labelled data.
+
+These functions are the campaign's vocabulary over the ORM. Each takes an open
+session and leaves committing to the caller, so a step can make several writes
+in one transaction (all or nothing when a process dies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ionflow.db.models import Calculation, Campaign, Iteration, Structure, utcnow
+from ionflow.db.objects import ObjectStore
+from ionflow.platform.structures import charge_of, labelled_copy, multiplicity_of, structure_hash
+
+
+class CampaignMismatch(ValueError):
+    """A campaign of that name exists but computes something else."""
+
+
+def open_campaign(session: Session, name: str, config: dict[str, Any], config_hash: str, workdir: str) -> Campaign:
+    """The campaign called ``name``: created, or reopened for resuming if its science is unchanged."""
+    campaign = session.scalar(select(Campaign).where(Campaign.name == name))
+    if campaign is None:
+        campaign = Campaign(name=name, config=config, config_hash=config_hash, workdir=workdir, status="running")
+        session.add(campaign)
+        session.flush()
+        return campaign
+    if campaign.config_hash != config_hash:
+        raise CampaignMismatch(
+            f"campaign {name!r} already exists in this database with different settings "
+            f"(system, reference, model, training, bootstrap, explore or selection changed); "
+            f"resume it with its original file, or give the new campaign another name"
+        )
+    campaign.config = config  # iterations / max_labels may grow on resume
+    campaign.status = "running"
+    return campaign
+
+
+def iteration_row(session: Session, campaign_id: int, index: int) -> Iteration:
+    """The iteration ``index`` of a campaign, created (status ``started``) if new."""
+    row = session.scalar(select(Iteration).where(Iteration.campaign_id == campaign_id, Iteration.index == index))
+    if row is None:
+        row = Iteration(campaign_id=campaign_id, index=index, status="started")
+        session.add(row)
+        session.flush()
+    return row
+
+
+def add_structure(
+    session: Session,
+    store: ObjectStore,
+    atoms: Atoms,
+    origin: str,
+    campaign_id: int | None = None,
+    iteration_id: int | None = None,
+    md_run_id: int | None = None,
+) -> Structure:
+    """The row of ``atoms`` (by content hash), stored and inserted if it is new."""
+    h = structure_hash(atoms)
+    row = session.scalar(select(Structure).where(Structure.hash == h))
+    if row is not None:
+        return row
+    row = Structure(
+        hash=h,
+        formula=atoms.get_chemical_formula(),
+        n_atoms=len(atoms),
+        charge=charge_of(atoms),
+        multiplicity=multiplicity_of(atoms),
+        path=store.put_structure(atoms),
+        origin=origin,
+        campaign_id=campaign_id,
+        iteration_id=iteration_id,
+        md_run_id=md_run_id,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def calculation_for(session: Session, structure_id: int, settings_hash: str) -> Calculation | None:
+    return session.scalar(
+        select(Calculation).where(Calculation.structure_id == structure_id, Calculation.settings_hash == settings_hash)
+    )
+
+
+def record_calculation(
+    session: Session,
+    store: ObjectStore,
+    structure: Structure,
+    result: Any,
+    adapter: str,
+    settings: dict[str, Any],
+    iteration_id: int | None,
+) -> Calculation:
+    """Insert one reference result (a ``LabelResult``); arrays go to the object store."""
+    arrays = {
+        key: np.asarray(value, dtype=float)
+        for key in ("forces", "stress", "dipole", "charges")
+        if (value := getattr(result, key)) is not None
+    }
+    results_path = results_sha = None
+    if arrays and result.status == "ok":
+        results_path, results_sha = store.put_arrays(arrays)
+    row = Calculation(
+        structure_id=structure.id,
+        adapter=adapter,
+        code_version=f"{result.code} {result.code_version}",
+        settings_hash=result.settings_hash,
+        settings=dict(settings, charge_scheme=result.charge_scheme) if result.charge_scheme else dict(settings),
+        status=result.status,
+        energy=result.energy if result.status == "ok" else None,
+        results_path=results_path,
+        results_sha256=results_sha,
+        wall_time_s=float(result.wall_time_s),
+        error=result.error,
+        host=result.host,
+        run_dir=result.run_dir,
+        iteration_id=iteration_id,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def labelled_atoms(store: ObjectStore, structure: Structure, calculation: Calculation) -> Atoms:
+    """The structure with its reference labels as ``REF_*`` keys (for training and datasets)."""
+    if calculation.status != "ok" or calculation.results_path is None or calculation.energy is None:
+        raise ValueError(f"calculation {calculation.id} has no usable label (status {calculation.status})")
+    atoms = store.get_structure(structure.path)
+    arrays = store.get_arrays(calculation.results_path)
+    extra = {k: arrays.get(k) for k in ("dipole", "charges", "stress")}
+    out = labelled_copy(atoms, calculation.energy, arrays["forces"], **extra)
+    out.info["structure_hash"] = structure.hash
+    out.info["calculation_id"] = calculation.id
+    return out
+
+
+def labelled_set(
+    session: Session, store: ObjectStore, campaign_id: int, settings_hash: str, test: bool
+) -> list[tuple[Calculation, Atoms]]:
+    """Every usable label of the campaign at one level of theory: the test set (``test=True``)
+    or the training pool (everything else). Unconverged and failed calculations never appear."""
+    origin_clause = Structure.origin == "test" if test else Structure.origin != "test"
+    rows = session.execute(
+        select(Calculation, Structure)
+        .join(Structure, Calculation.structure_id == Structure.id)
+        .where(
+            Structure.campaign_id == campaign_id,
+            Calculation.settings_hash == settings_hash,
+            Calculation.status == "ok",
+            origin_clause,
+        )
+        .order_by(Calculation.id)
+    ).all()
+    return [(calc, labelled_atoms(store, struct, calc)) for calc, struct in rows]
+
+
+def is_validation(structure_hash_: str, fraction: float) -> bool:
+    """Stable train/valid split: a structure's side depends only on its hash, so it never
+    moves between sets as the data grows."""
+    bucket = int(hashlib.sha256(structure_hash_.encode()).hexdigest()[:8], 16) / 16**8
+    return bucket < fraction

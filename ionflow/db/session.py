@@ -1,0 +1,104 @@
+"""Engines, sessions and schema migrations.
+
+The schema comes from the Alembic migrations shipped in this package
+(``alembic.ini`` and ``migrations/`` next to this file); :func:`upgrade` runs
+them to the newest revision and is safe to call on every start.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+_HERE = Path(__file__).resolve().parent
+
+#: Seconds a SQLite connection waits for another writer (several Prefect workers
+#: may write at once) before it gives up with "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 30
+
+# alembic keeps the running migration context in a module global, so two threads
+# must not migrate at once; separate processes are serialised by env.py's lock
+_UPGRADE_LOCK = threading.Lock()
+
+
+def sqlite_url(path: str | Path) -> str:
+    """SQLAlchemy URL of a SQLite file (made absolute, so it does not depend on the cwd)."""
+    return f"sqlite:///{Path(path).expanduser().resolve()}"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL, or None for other databases and in-memory SQLite."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return None
+    db = u.database
+    if not db or db == ":memory:" or db.startswith("file:") or u.query.get("mode") == "memory":
+        return None
+    return Path(db)
+
+
+def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # SQLite ignores foreign keys unless asked, per connection
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # WAL lets the dashboard read while a flow writes
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """Engine for ``url``; for SQLite, foreign keys on, WAL, a 30 s busy timeout, parent folder created."""
+    if make_url(url).get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if (path := _sqlite_file(url)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    event.listen(engine, "connect", _on_sqlite_connect)
+    return engine
+
+
+def _alembic_config(url: str) -> Config:
+    # config_file_name stays set (alembic reads the ini), but the packaged env.py
+    # never calls logging.config.fileConfig, so the application's logging is untouched
+    cfg = Config(str(_HERE / "alembic.ini"))
+    cfg.set_main_option("script_location", str(_HERE / "migrations"))
+    # ConfigParser treats % as interpolation; URL-encoded passwords contain it
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the database at ``url`` to ``revision`` (default: the newest); a no-op when already there."""
+    if (path := _sqlite_file(url)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with _UPGRADE_LOCK:
+        command.upgrade(_alembic_config(url), revision)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions bound to ``engine``; rows stay readable after commit (``expire_on_commit=False``)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that commits when the block ends and rolls back if it raises."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,124 @@
+"""The reference-adapter protocol and the record every adapter returns."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from ase import Atoms
+from ase.io import write
+
+from ionflow.platform.structures import charge_of, charge_state_problem, multiplicity_of
+
+Status = Literal["ok", "failed", "unconverged", "timeout"]
+
+
+@dataclass
+class LabelResult:
+    """What one reference calculation gave.
+
+    Units: energy eV, forces eV/Å (n_atoms, 3), stress eV/Å^3 (6,) Voigt with ASE's sign,
+    dipole e·Å (3,), charges e (n_atoms,). Arrays are None when the code does not give them
+    or the calculation did not finish (``status != "ok"``).
+    """
+
+    status: Status
+    code: str
+    code_version: str
+    settings_hash: str
+    wall_time_s: float
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    dipole: np.ndarray | None = None
+    charges: np.ndarray | None = None
+    charge_scheme: str | None = None
+    error: str | None = None
+    host: str | None = None
+    run_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def settings_hash(code: str, settings: dict[str, Any]) -> str:
+    """sha256 of the code name and its level-of-theory settings (canonical JSON)."""
+    blob = json.dumps({"code": code, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@runtime_checkable
+class ReferenceAdapter(Protocol):
+    """A reference calculator: labels structures with energy and forces.
+
+    Charge and multiplicity are read from each structure's ``info`` (``charge``,
+    ``multiplicity``); an adapter refuses a combination that does not match the
+    electron count with ``ValueError`` before it computes anything.
+    """
+
+    name: str
+    settings_hash: str
+
+    def label(self, structures: list[Atoms], run_dirs: Sequence[Path] | None = None) -> list[LabelResult]:
+        """Label each structure (keeping its files in ``run_dirs``, one folder each, when given);
+        a failure becomes a result with its status, never an exception."""
+        ...
+
+
+def check_charge_states(structures: list[Atoms]) -> None:
+    """Raise ``ValueError`` listing every structure whose charge/multiplicity cannot exist.
+
+    Called by adapters before they compute anything, so a batch never half-runs on bad input.
+    """
+    problems = [
+        f"structure {i}: {problem}"
+        for i, atoms in enumerate(structures)
+        if (problem := charge_state_problem(atoms.numbers, charge_of(atoms), multiplicity_of(atoms)))
+    ]
+    if problems:
+        raise ValueError("inconsistent charge/multiplicity: " + "; ".join(problems))
+
+
+def error_line(exc: BaseException) -> str:
+    """The last line of an exception's traceback (``Type: message``), for ``LabelResult.error``."""
+    return traceback.format_exception_only(exc)[-1].strip()
+
+
+def check_run_dirs(structures: list[Atoms], run_dirs: Sequence[Path] | None) -> list[Path | None]:
+    """One run folder per structure, or None for each when no folders are asked for."""
+    if run_dirs is None:
+        return [None] * len(structures)
+    if len(run_dirs) != len(structures):
+        raise ValueError(f"{len(structures)} structures but {len(run_dirs)} run folders")
+    return [Path(d) for d in run_dirs]
+
+
+def start_run_dir(run_dir: Path, atoms: Atoms) -> None:
+    """Create a calculation's folder and keep its input structure there (extxyz, with charge state)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frame = atoms.copy()
+    frame.calc = None
+    write(str(run_dir / "structure.extxyz"), frame, format="extxyz")
+
+
+def finish_run_dir(run_dir: Path, result: LabelResult) -> None:
+    """Write what the calculation gave (status, energy in eV, error, wall time) as result.json."""
+    record = {
+        "status": result.status,
+        "energy_eV": result.energy,
+        "error": result.error,
+        "wall_time_s": result.wall_time_s,
+        "code": result.code,
+        "code_version": result.code_version,
+        "settings_hash": result.settings_hash,
+        "host": result.host,
+    }
+    (run_dir / "result.json").write_text(json.dumps(record, indent=2))

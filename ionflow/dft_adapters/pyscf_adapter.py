@@ -1,0 +1,218 @@
+"""PySCF reference adapter: Kohn-Sham DFT on isolated molecules.
+
+Units in: positions Å (``Atoms``), charge e and multiplicity 2S+1 from ``atoms.info``.
+Units out (``LabelResult``): energy eV, forces eV/Å, dipole e·Å, charges e.
+
+Dipole origin: PySCF's ``dip_moment`` (electrons + nuclei) is taken about the origin
+(0, 0, 0) of the structure's own Cartesian frame; nothing is recentred. For a neutral
+molecule the dipole does not depend on the origin; for a charged one it shifts by
+``charge * shift``, so compare dipoles of ions only in the same frame.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyscf
+from ase import Atoms
+from ase.units import Bohr, Hartree
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pyscf import dft, gto, lib
+
+from ionflow.dft_adapters.base import (
+    LabelResult,
+    check_charge_states,
+    check_run_dirs,
+    error_line,
+    finish_run_dir,
+    settings_hash,
+    start_run_dir,
+)
+from ionflow.platform.structures import charge_of, multiplicity_of
+
+#: Settings that change how a calculation runs, not what it computes: left out of the hash.
+RUNTIME_ONLY = frozenset({"num_threads", "verbose"})
+
+#: The retry after a failed SCF: virtual orbitals shifted up by this much (Ha) ...
+RETRY_LEVEL_SHIFT = 0.3
+#: ... the Fock matrix mixed with the previous one for the first few cycles ...
+RETRY_DAMP = 0.5
+RETRY_DAMPED_CYCLES = 8
+#: ... and at most this many times ``max_cycle`` iterations, so that a small ``max_cycle``
+#: keeps the whole calculation short (the retry is bounded by the user's setting).
+RETRY_CYCLE_FACTOR = 2
+
+
+class PySCFSettings(BaseModel):
+    """Level of theory and SCF controls of a PySCF calculation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    xc: str = Field("pbe", description="Exchange-correlation functional as libxc names it ('pbe', 'b3lyp').")
+    basis: str = Field("def2-svp", description="Basis set name known to pyscf.gto.basis ('def2-svp').")
+    density_fit: bool = Field(True, description="Density fitting (RI) of the Coulomb/exchange integrals.")
+    conv_tol: float = Field(1e-8, gt=0, description="SCF energy convergence threshold in Hartree.")
+    max_cycle: int = Field(100, ge=1, description="Maximum SCF iterations; a retry gets twice as many.")
+    grid_level: int = Field(3, ge=0, le=9, description="PySCF DFT integration grid level (0 coarse, 9 fine).")
+    charge_scheme: Literal["mulliken", "meta_lowdin"] = Field(
+        "meta_lowdin", description="Atomic charge partitioning: Mulliken or meta-Löwdin populations."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="OpenMP threads for this calculation; None leaves PySCF's setting as is."
+    )
+    verbose: int = Field(0, ge=0, le=9, description="PySCF log level (0 silent).")
+
+    @field_validator("xc")
+    @classmethod
+    def _known_functional(cls, xc: str) -> str:
+        try:
+            dft.libxc.parse_xc(xc)
+        except Exception as exc:  # libxc raises KeyError/ValueError depending on the typo
+            raise ValueError(f"unknown exchange-correlation functional {xc!r}: {exc}") from None
+        return xc
+
+
+def basis_problem(basis: str, symbols: set[str]) -> str | None:
+    """Say which elements the basis set does not cover, or None when it covers them all."""
+    missing = []
+    for symbol in sorted(symbols):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PySCF suggests installing basis-set-exchange
+                if not gto.basis.load(basis, symbol):
+                    missing.append(symbol)
+        except Exception:  # BasisNotFoundError, or a KeyError for an element absent from the file
+            missing.append(symbol)
+    if missing:
+        return f"basis {basis!r} is unknown to PySCF or has no functions for {', '.join(missing)}"
+    return None
+
+
+class PySCFAdapter:
+    """Labels molecules with PySCF Kohn-Sham DFT (RKS for singlets, UKS otherwise)."""
+
+    name = "pyscf"
+
+    def __init__(self, settings: PySCFSettings | dict[str, Any] | None = None) -> None:
+        if not isinstance(settings, PySCFSettings):
+            settings = PySCFSettings(**(settings or {}))
+        self.settings = settings
+        self.settings_hash = settings_hash(self.name, settings.model_dump(exclude=set(RUNTIME_ONLY)))
+
+    def label(self, structures: list[Atoms], run_dirs: Sequence[Path] | None = None) -> list[LabelResult]:
+        """Energy, forces, dipole and atomic charges of each molecule.
+
+        With ``run_dirs`` (one folder per structure) each calculation keeps its input
+        structure, PySCF's log (``pyscf.log``) and a ``result.json`` there.
+        Raises ``ValueError`` before computing anything when a structure is periodic or its
+        charge/multiplicity is inconsistent; any other problem becomes that structure's status.
+        """
+        periodic = [i for i, atoms in enumerate(structures) if np.any(atoms.pbc)]
+        if periodic:
+            raise ValueError(
+                f"structures {periodic} are periodic: the PySCF adapter handles molecules only; "
+                "periodic systems (pyscf.pbc) are not supported yet"
+            )
+        check_charge_states(structures)
+        dirs = check_run_dirs(structures, run_dirs)
+        with lib.with_omp_threads(self.settings.num_threads):  # None: leave as is
+            return [self._label_one(atoms, run_dir) for atoms, run_dir in zip(structures, dirs)]
+
+    def _label_one(self, atoms: Atoms, run_dir: Path | None) -> LabelResult:
+        start = time.perf_counter()
+        if run_dir is not None:
+            start_run_dir(run_dir, atoms)
+        try:
+            fields = self._compute(atoms, run_dir)
+        except Exception as exc:
+            fields = {"status": "failed", "error": error_line(exc)}
+        result = LabelResult(
+            code=self.name,
+            code_version=pyscf.__version__,
+            settings_hash=self.settings_hash,
+            wall_time_s=time.perf_counter() - start,
+            host=socket.gethostname(),
+            run_dir=str(run_dir) if run_dir is not None else None,
+            **fields,
+        )
+        if run_dir is not None:
+            finish_run_dir(run_dir, result)
+        return result
+
+    def _compute(self, atoms: Atoms, run_dir: Path | None = None) -> dict[str, Any]:
+        s = self.settings
+        problem = basis_problem(s.basis, set(atoms.get_chemical_symbols()))
+        if problem:
+            return {"status": "failed", "error": problem}
+        multiplicity = multiplicity_of(atoms)
+        # Positions go in as Bohr with ASE's constant, so that every unit conversion here
+        # (in and out) uses ase.units and forces are the exact derivative in ASE's Å.
+        mol = gto.M(
+            atom=list(zip(atoms.get_chemical_symbols(), map(tuple, atoms.positions / Bohr))),
+            unit="Bohr",
+            basis=s.basis,
+            charge=charge_of(atoms),
+            spin=multiplicity - 1,
+            verbose=max(s.verbose, 4) if run_dir is not None else s.verbose,
+            output=str(run_dir / "pyscf.log") if run_dir is not None else None,
+        )
+        try:
+            return self._scf(mol, atoms)
+        finally:
+            if run_dir is not None:
+                mol.stdout.close()
+
+    def _scf(self, mol: gto.Mole, atoms: Atoms) -> dict[str, Any]:
+        s = self.settings
+        multiplicity = multiplicity_of(atoms)
+        mf = (dft.RKS if multiplicity == 1 else dft.UKS)(mol, xc=s.xc)
+        if s.density_fit:
+            mf = mf.density_fit()
+        mf.grids.level = s.grid_level
+        mf.conv_tol = s.conv_tol
+        mf.max_cycle = s.max_cycle
+        mf.kernel()
+
+        retried = not mf.converged
+        if retried:
+            # Restart from the last density with a level shift and early damping; the
+            # converged energy does not depend on either.
+            mf.level_shift = RETRY_LEVEL_SHIFT
+            mf.damp = RETRY_DAMP
+            mf.diis_start_cycle = RETRY_DAMPED_CYCLES
+            mf.max_cycle = RETRY_CYCLE_FACTOR * s.max_cycle
+            mf.kernel(dm0=mf.make_rdm1())
+        if not mf.converged:
+            return {
+                "status": "unconverged",
+                "error": (
+                    f"SCF not converged in {s.max_cycle} cycles, nor in {mf.max_cycle} more with level "
+                    f"shift {RETRY_LEVEL_SHIFT} Ha and damping {RETRY_DAMP} (conv_tol {s.conv_tol} Ha)"
+                ),
+            }
+
+        gradient = mf.nuc_grad_method().kernel()  # (n_atoms, 3) Ha/Bohr
+        dipole = mf.dip_moment(unit="AU", verbose=0)  # e·Bohr about the frame's origin
+        if s.charge_scheme == "mulliken":
+            _, charges = mf.mulliken_pop(verbose=0)
+        else:
+            _, charges = mf.mulliken_meta(verbose=0)
+        return {
+            "status": "ok",
+            "energy": float(mf.e_tot) * Hartree,
+            "forces": -np.asarray(gradient) * Hartree / Bohr,
+            "dipole": np.asarray(dipole) * Bohr,
+            "charges": np.asarray(charges, dtype=float),
+            "charge_scheme": s.charge_scheme,
+            "extra": {
+                "scf": "RKS" if multiplicity == 1 else "UKS",
+                "scf_retry": retried,
+                "dipole_origin_A": [0.0, 0.0, 0.0],
+            },
+        }

@@ -1,0 +1,141 @@
+"""tblite reference adapter: GFN-xTB tight binding for molecules and periodic cells.
+
+Units in: positions and cell Å (``Atoms``), charge e and multiplicity 2S+1 from ``atoms.info``.
+Units out (``LabelResult``): energy eV, forces eV/Å, stress eV/Å^3 (Voigt xx yy zz yz xz xy,
+ASE's sign, 3D-periodic cells only), dipole e·Å (molecules only), charges e (tblite's
+Mulliken charges).
+
+Dipole origin: as in the PySCF adapter, the dipole is taken about (0, 0, 0) of the
+structure's own Cartesian frame, so for an ion it moves by ``charge * shift`` with the molecule.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from ase import Atoms
+from ase.units import Bohr, Hartree, kB
+from pydantic import BaseModel, ConfigDict, Field
+from tblite import library
+from tblite.interface import Calculator
+
+from ionflow.dft_adapters.base import (
+    LabelResult,
+    check_charge_states,
+    check_run_dirs,
+    error_line,
+    finish_run_dir,
+    settings_hash,
+    start_run_dir,
+)
+from ionflow.platform.structures import charge_of, multiplicity_of
+
+#: Settings that change how a calculation runs, not what it computes: left out of the hash.
+RUNTIME_ONLY = frozenset({"verbosity"})
+
+#: tblite's ASE calculator states its charges are Mulliken charges of the xTB minimal basis.
+CHARGE_SCHEME = "tblite-mulliken"
+
+#: (3, 3) row-major virial -> Voigt order xx, yy, zz, yz, xz, xy.
+VOIGT = [0, 4, 8, 5, 2, 1]
+
+
+class TBLiteSettings(BaseModel):
+    """Hamiltonian and SCC controls of a tblite calculation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["GFN2-xTB", "GFN1-xTB"] = Field("GFN2-xTB", description="xTB Hamiltonian.")
+    accuracy: float = Field(1.0, gt=0, description="tblite accuracy factor; smaller is tighter.")
+    max_iterations: int = Field(250, ge=1, description="Maximum self-consistent charge iterations.")
+    electronic_temperature: float = Field(300.0, ge=0, description="Fermi smearing temperature in K.")
+    verbosity: int = Field(0, ge=0, description="tblite printout level (0 silent).")
+
+
+class TBLiteAdapter:
+    """Labels molecules and periodic cells with tblite's GFN-xTB."""
+
+    name = "tblite"
+
+    def __init__(self, settings: TBLiteSettings | dict[str, Any] | None = None) -> None:
+        if not isinstance(settings, TBLiteSettings):
+            settings = TBLiteSettings(**(settings or {}))
+        self.settings = settings
+        self.settings_hash = settings_hash(self.name, settings.model_dump(exclude=set(RUNTIME_ONLY)))
+
+    def label(self, structures: list[Atoms], run_dirs: Sequence[Path] | None = None) -> list[LabelResult]:
+        """Energy, forces, charges, and dipole (molecules) or stress (3D cells) of each structure.
+
+        With ``run_dirs`` (one folder per structure) each calculation keeps its input
+        structure and a ``result.json`` there.
+
+        Raises ``ValueError`` before computing anything when a charge/multiplicity is
+        inconsistent; any other problem becomes that structure's status.
+        """
+        check_charge_states(structures)
+        dirs = check_run_dirs(structures, run_dirs)
+        return [self._label_one(atoms, run_dir) for atoms, run_dir in zip(structures, dirs)]
+
+    def _label_one(self, atoms: Atoms, run_dir: Path | None = None) -> LabelResult:
+        start = time.perf_counter()
+        if run_dir is not None:
+            start_run_dir(run_dir, atoms)
+        try:
+            fields = self._compute(atoms)
+        except RuntimeError as exc:  # TBLiteRuntimeError, also raised for a failed SCC
+            status = "unconverged" if "not converged" in str(exc) else "failed"
+            fields = {"status": status, "error": error_line(exc)}
+        except Exception as exc:
+            fields = {"status": "failed", "error": error_line(exc)}
+        result = LabelResult(
+            code=self.name,
+            code_version=".".join(map(str, library.get_version())),  # the compiled library's
+            settings_hash=self.settings_hash,
+            wall_time_s=time.perf_counter() - start,
+            host=socket.gethostname(),
+            run_dir=str(run_dir) if run_dir is not None else None,
+            **fields,
+        )
+        if run_dir is not None:
+            finish_run_dir(run_dir, result)
+        return result
+
+    def _compute(self, atoms: Atoms) -> dict[str, Any]:
+        s = self.settings
+        periodic = bool(np.any(atoms.pbc))
+        calc = Calculator(
+            s.method,
+            atoms.numbers,
+            atoms.positions / Bohr,
+            charge=float(charge_of(atoms)),
+            uhf=multiplicity_of(atoms) - 1,
+            lattice=atoms.cell.array / Bohr if periodic else None,
+            periodic=np.asarray(atoms.pbc, dtype=bool) if periodic else None,
+        )
+        calc.set("accuracy", s.accuracy)
+        calc.set("max-iter", s.max_iterations)
+        calc.set("temperature", s.electronic_temperature * kB / Hartree)  # tblite wants Ha
+        calc.set("verbosity", s.verbosity)
+        res = calc.singlepoint()
+
+        fields: dict[str, Any] = {
+            "status": "ok",
+            "energy": float(res.get("energy")) * Hartree,
+            "forces": -np.asarray(res.get("gradient")) * Hartree / Bohr,
+            "charges": np.asarray(res.get("charges"), dtype=float),
+            "charge_scheme": CHARGE_SCHEME,
+        }
+        if not periodic:
+            # The dipole of a periodic cell depends on how atoms are wrapped: only molecules get one.
+            fields["dipole"] = np.asarray(res.get("dipole")) * Bohr  # e·Bohr -> e·Å, origin (0, 0, 0)
+        elif atoms.pbc.all():
+            # tblite's "virial" is the strain derivative dE/d(eps) (checked against a finite
+            # strain), so ASE's stress (1/V) dE/d(eps) is +virial/V; a volume needs 3D periodicity.
+            stress = np.asarray(res.get("virial")) * Hartree / atoms.get_volume()
+            fields["stress"] = stress.flat[VOIGT]
+        return fields

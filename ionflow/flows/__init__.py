@@ -1,0 +1,1 @@
+"""Prefect flows and tasks: the only part of ionflow that imports prefect."""

@@ -1,0 +1,144 @@
+"""The campaign flow: bootstrap, then explore -> select -> label -> train -> evaluate, repeated.
+
+The database decides what is done (see :mod:`ionflow.flows.tasks`): running the
+flow again on the same campaign file resumes it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, runtime
+from prefect.artifacts import create_table_artifact
+from sqlalchemy import func, select
+
+from ionflow.db import Calculation, Campaign, Model, Structure, iteration_table, session_scope
+from ionflow.flows import report
+from ionflow.flows.tasks import (
+    bootstrap_task,
+    close_iteration_task,
+    context,
+    evaluate_task,
+    explore_task,
+    label_task,
+    open_campaign_task,
+    select_task,
+    train_task,
+)
+
+log = logging.getLogger("ionflow")
+
+
+@dataclass
+class CampaignSummary:
+    """Where a campaign's outputs are, and why it stopped."""
+
+    name: str
+    folder: str
+    database_url: str
+    model: str | None
+    dataset: str
+    test_set: str
+    stop_reason: str
+    iterations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _labels_so_far(config_path: str, campaign_id: int) -> int:
+    ctx = context(config_path)
+    with session_scope(ctx.sessions) as session:
+        return session.scalar(
+            select(func.count(Calculation.id))
+            .join(Structure, Calculation.structure_id == Structure.id)
+            .where(Structure.campaign_id == campaign_id, Calculation.status == "ok")
+        )
+
+
+def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict[str, Any]]:
+    ctx = context(config_path)
+    with session_scope(ctx.sessions) as session:
+        rows = iteration_table(session, campaign_id)
+    report.console.print(report.iteration_table(rows, f"{ctx.config.name}: after iteration {index}"))
+    row = rows[index]
+    metrics = row["metrics"]
+    create_table_artifact(
+        key=f"{ctx.config.name.lower().replace('_', '-').replace('.', '-')}-iteration-{index}",
+        table=[{"quantity": k, "value": v} for k, v in {**{k: row[k] for k in ("n_labels", "n_selected", "model_version")}, **metrics}.items()],
+        description=f"ionflow campaign {ctx.config.name}, iteration {index}",
+    )
+    return rows
+
+
+def _lock(folder: Path):
+    """Hold an exclusive lock on the campaign folder (released by the OS if the process dies)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(f"campaign folder {folder} is in use by another ionflow process") from None
+    return handle
+
+
+@flow(name="ionflow-campaign", log_prints=True)
+def campaign_flow(config_path: str) -> dict[str, Any]:
+    """Run (or resume) the campaign described by the file at ``config_path``."""
+    config_path = str(Path(config_path).resolve())
+    cfg = context(config_path).config
+    lock = _lock(cfg.campaign_dir)
+    try:
+        campaign_id = open_campaign_task(config_path, str(runtime.flow_run.id or ""))
+        report.console.print(f"[bold]ionflow[/] campaign [cyan]{cfg.name}[/] in {cfg.campaign_dir}")
+
+        # Iteration 0: first labels and first model.
+        bootstrap_task(config_path, campaign_id)
+        label_task(config_path, campaign_id, 0)
+        train_task(config_path, campaign_id, 0)
+        evaluate_task(config_path, campaign_id, 0)
+        _show_iteration(config_path, campaign_id, 0)
+
+        stop_reason = f"finished {cfg.iterations} iterations"
+        for index in range(1, cfg.iterations + 1):
+            if cfg.max_labels is not None and _labels_so_far(config_path, campaign_id) >= cfg.max_labels:
+                stop_reason = f"label budget of {cfg.max_labels} reached"
+                break
+            explore_task(config_path, campaign_id, index)
+            chosen = select_task(config_path, campaign_id, index)
+            if chosen == 0:
+                stop_reason = "converged: no explored frame was uncertain enough to label"
+                close_iteration_task(config_path, campaign_id, index, stop_reason)
+                _show_iteration(config_path, campaign_id, index)
+                break
+            label_task(config_path, campaign_id, index)
+            train_task(config_path, campaign_id, index)
+            evaluate_task(config_path, campaign_id, index)
+            _show_iteration(config_path, campaign_id, index)
+        return finish(config_path, campaign_id, stop_reason)
+    finally:
+        lock.close()
+
+
+def finish(config_path: str, campaign_id: int, stop_reason: str) -> dict[str, Any]:
+    """Mark the campaign finished and say where its outputs are."""
+    ctx = context(config_path)
+    with session_scope(ctx.sessions) as session:
+        campaign = session.get(Campaign, campaign_id)
+        campaign.status = "finished"
+        latest = session.scalar(select(Model).where(Model.campaign_id == campaign_id).order_by(Model.version.desc()).limit(1))
+        rows = iteration_table(session, campaign_id)
+        summary = CampaignSummary(
+            name=campaign.name,
+            folder=str(ctx.folder),
+            database_url=ctx.config.db_url,
+            model=str(ctx.store.path(latest.checkpoint_path)) if latest else None,
+            dataset=str(ctx.folder / "dataset.extxyz"),
+            test_set=str(ctx.folder / "test.extxyz"),
+            stop_reason=stop_reason,
+            iterations=rows,
+        )
+    log.info("campaign %s stopped: %s", summary.name, stop_reason)
+    return summary.__dict__

@@ -1,0 +1,60 @@
+"""What a person sees while a campaign runs: rich progress bars and one table per iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def stage(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar for one step; yields ``update(done, total)``."""
+    progress = Progress(
+        TextColumn("  {task.description:<34}"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=max(total, 1))
+
+        def update(done: int, new_total: int | None = None) -> None:
+            progress.update(task, completed=done, total=new_total or max(total, 1))
+
+        yield update
+        progress.update(task, completed=progress.tasks[0].total)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Labels so far, test errors, force uncertainty of explored frames, frames selected."""
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for header in ("iter", "status", "labels", "selected", "E RMSE meV/at", "F RMSE eV/Å", "σF mean eV/Å", "σF max eV/Å", "model"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        m = row.get("metrics") or {}
+        e = m.get("test_energy_rmse")
+        table.add_row(
+            str(row["index"]),
+            row["status"],
+            str(row["n_labels"]),
+            "-" if row["index"] == 0 else str(row["n_selected"]),
+            _fmt(None if e is None else 1000 * e, ".1f"),
+            _fmt(m.get("test_forces_rmse"), ".3f"),
+            _fmt(m.get("explored_force_std_mean"), ".3f"),
+            _fmt(m.get("explored_force_std_max"), ".3f"),
+            "-" if row.get("model_version") is None else f"v{row['model_version']}",
+        )
+    return table

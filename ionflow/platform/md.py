@@ -1,0 +1,172 @@
+"""Exploration: Langevin MD walkers driven by the committee mean, stopped where it is unsure.
+
+All walkers of an iteration move together: they are concatenated into one ASE
+``Atoms`` integrated by ASE's ``Langevin`` (a per-atom thermostat, so walkers stay
+independent), and a calculator splits that system back into one graph per walker
+so the committee evaluates every walker in a single batched call per step.
+A walker whose largest per-atom force spread passes ``stop_uncertainty``, or
+whose atoms come unphysically close, is frozen (``FixAtoms``) and sampled no more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator, all_changes
+from ase.constraints import FixAtoms
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+from ionflow.platform.model.committee import Committee
+from ionflow.platform.model.graph import build_batch
+from ionflow.platform.structures import REF_PREFIX, closest_contact
+
+#: Closest contact (Å) below which a walker is stopped as unphysical.
+MIN_CONTACT = 0.5
+
+
+@dataclass
+class WalkerResult:
+    """One walker's run. ``frames`` are sampled snapshots; each carries in ``info``:
+    ``md_step``, ``force_std_max`` (eV/Å), ``energy_std`` (eV), ``walker``."""
+
+    walker: int
+    start: Atoms
+    last: Atoms
+    n_steps_done: int
+    stop_reason: str
+    frames: list[Atoms] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+class _WalkersCalculator(Calculator):
+    """Committee mean over a concatenation of walkers, with per-walker spreads."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, committee: Committee, templates: Sequence[Atoms]) -> None:
+        super().__init__()
+        self.committee = committee
+        self.templates = list(templates)
+        self.offsets = np.cumsum([0] + [len(t) for t in templates])
+
+    def split(self, positions: np.ndarray) -> list[Atoms]:
+        frames = []
+        for w, tmpl in enumerate(self.templates):
+            frame = tmpl.copy()
+            frame.positions = positions[self.offsets[w] : self.offsets[w + 1]]
+            frames.append(frame)
+        return frames
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        frames = self.split(self.atoms.positions)
+        batch = build_batch(frames, self.committee.z_table, self.committee.r_max, dtype=self.committee.spec.dtype)
+        pred = self.committee.predict(batch)
+        self.results = {
+            "energy": float(pred["energy"].sum()),
+            "forces": pred["forces"].numpy().astype(float),
+            "walker_energy_std": pred["energy_std"].numpy().astype(float),  # [walkers] eV
+            "force_std": pred["force_std"].numpy().astype(float),  # [n_atoms] eV/Å
+        }
+
+
+def run_walkers(
+    committee: Committee,
+    starts: Sequence[Atoms],
+    steps: int,
+    timestep_fs: float,
+    temperature_K: float,
+    friction_per_fs: float,
+    sample_every: int,
+    stop_uncertainty: float,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[WalkerResult]:
+    """Run one Langevin walker from each of ``starts`` for up to ``steps`` steps."""
+    t0 = time.perf_counter()
+    templates = [s.copy() for s in starts]
+    for t in templates:
+        t.calc = None
+        t.set_constraint()
+        # A start's reference labels belong to its geometry, not to the frames the walker visits.
+        for store in (t.info, t.arrays):
+            for key in [k for k in store if k.startswith(REF_PREFIX)]:
+                del store[key]
+    system = templates[0].copy()
+    for t in templates[1:]:
+        system += t
+    calc = _WalkersCalculator(committee, templates)
+    system.calc = calc
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(system, temperature_K=temperature_K, rng=rng)
+    dyn = Langevin(
+        system,
+        timestep=timestep_fs * units.fs,
+        temperature_K=temperature_K,
+        friction=friction_per_fs / units.fs,
+        fixcm=False,
+        rng=rng,
+    )
+
+    n = len(templates)
+    active = np.ones(n, dtype=bool)
+    steps_done = np.zeros(n, dtype=int)
+    reasons = ["completed"] * n
+    frames: list[list[Atoms]] = [[] for _ in range(n)]
+    last = [t.copy() for t in templates]
+
+    def snapshot(w: int, step: int, frame: Atoms, fstd: np.ndarray, estd: float) -> None:
+        frame.info.update(md_step=step, walker=w, force_std_max=float(fstd.max()), energy_std=float(estd))
+        frames[w].append(frame)
+
+    for step in range(1, steps + 1):
+        dyn.run(1)
+        res = calc.results
+        split = calc.split(system.positions)
+        newly_stopped = []
+        for w in np.flatnonzero(active):
+            lo, hi = calc.offsets[w], calc.offsets[w + 1]
+            fstd = res["force_std"][lo:hi]
+            steps_done[w] = step
+            contact = closest_contact(split[w])[0]
+            if contact < MIN_CONTACT:
+                reasons[w] = f"unphysical: atoms {contact:.2f} Å apart at step {step}"
+            elif fstd.max() > stop_uncertainty:
+                reasons[w] = f"force spread {fstd.max():.2f} eV/Å > {stop_uncertainty} at step {step}"
+                snapshot(w, step, split[w], fstd, res["walker_energy_std"][w])
+            else:
+                last[w] = split[w]
+                if step % sample_every == 0:
+                    snapshot(w, step, split[w].copy(), fstd, res["walker_energy_std"][w])
+                continue
+            newly_stopped.append(w)
+        if newly_stopped:
+            active[newly_stopped] = False
+            frozen = np.concatenate([np.arange(calc.offsets[w], calc.offsets[w + 1]) for w in np.flatnonzero(~active)])
+            momenta = system.get_momenta()
+            momenta[frozen] = 0.0
+            system.set_momenta(momenta)
+            system.set_constraint(FixAtoms(indices=frozen))
+        if progress:
+            progress(step, steps)
+        if not active.any():
+            break
+
+    wall = time.perf_counter() - t0
+    return [
+        WalkerResult(
+            walker=w,
+            start=starts[w],
+            last=last[w],
+            n_steps_done=int(steps_done[w]),
+            stop_reason=reasons[w],
+            frames=frames[w],
+            wall_time_s=wall / n,
+        )
+        for w in range(n)
+    ]

@@ -1,0 +1,50 @@
+"""ASE calculator over a committee: mean energy and forces, plus their spreads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from ionflow.platform.model.committee import Committee
+from ionflow.platform.model.files import load_model
+from ionflow.platform.model.graph import build_batch
+
+
+class CommitteeCalculator(Calculator):
+    """Energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt, periodic only) of the committee mean.
+
+    Extra results: ``energy_uncertainty`` (eV, members' standard deviation) and
+    ``forces_uncertainty`` (n_atoms,) eV/Å, per-atom spread of the members' forces.
+    Total charge and multiplicity are read from ``atoms.info``.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energy_uncertainty", "forces_uncertainty"]
+
+    def __init__(self, committee: Committee, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.committee = committee
+
+    def calculate(self, atoms: Atoms | None = None, properties=None, system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        periodic = bool(np.all(self.atoms.pbc))
+        batch = build_batch([self.atoms], self.committee.z_table, self.committee.r_max, dtype=self.committee.spec.dtype)
+        pred = self.committee.predict(batch, compute_stress=periodic)
+        energy = float(pred["energy"][0])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": pred["forces"].numpy().astype(float),
+            "energy_uncertainty": float(pred["energy_std"][0]),
+            "forces_uncertainty": pred["force_std"].numpy().astype(float),
+        }
+        if periodic:
+            s = pred["stress"][0].numpy()
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+
+
+def load_calculator(path: str | Path) -> CommitteeCalculator:
+    """An ASE calculator for the model file at ``path``."""
+    return CommitteeCalculator(load_model(path))

@@ -1,0 +1,175 @@
+"""Structures: reading, writing, content hashing and sanity checks.
+
+A structure is an :class:`ase.Atoms` whose ``info`` carries the total charge
+(``info["charge"]``, in e) and the spin multiplicity (``info["multiplicity"]``,
+2S+1). Positions are in Å. Every other part of ionflow reads charge and
+multiplicity through :func:`charge_of` and :func:`multiplicity_of` so that the
+defaults (0 and 1) live in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols, covalent_radii
+from ase.io import read, write
+
+#: Positions are rounded to this many decimals (Å) before hashing, so that the
+#: same geometry written and read back through text files keeps its id.
+HASH_DECIMALS = 6
+
+REF_PREFIX = "REF_"
+
+
+def charge_of(atoms: Atoms) -> int:
+    """Total charge in e (``atoms.info["charge"]``, default 0)."""
+    return int(atoms.info.get("charge", 0))
+
+
+def multiplicity_of(atoms: Atoms) -> int:
+    """Spin multiplicity 2S+1 (``atoms.info["multiplicity"]``, default 1)."""
+    return int(atoms.info.get("multiplicity", 1))
+
+
+def with_charge_state(atoms: Atoms, charge: int, multiplicity: int) -> Atoms:
+    """Return a copy of ``atoms`` carrying ``charge`` and ``multiplicity`` in ``info``."""
+    out = atoms.copy()
+    out.calc = None
+    out.info["charge"] = int(charge)
+    out.info["multiplicity"] = int(multiplicity)
+    return out
+
+
+def structure_hash(atoms: Atoms) -> str:
+    """Content id of a structure: sha256 over numbers, positions, cell, pbc, charge, multiplicity.
+
+    dtypes and byte order are normalised (int64 / float64 little-endian, positions
+    rounded to ``HASH_DECIMALS`` Å) so that ids match across machines and file formats.
+    """
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(atoms.numbers, dtype="<i8").tobytes())
+    pos = np.round(np.asarray(atoms.positions, dtype=np.float64), HASH_DECIMALS) + 0.0
+    h.update(np.ascontiguousarray(pos, dtype="<f8").tobytes())
+    cell = np.round(np.asarray(atoms.cell.array, dtype=np.float64), HASH_DECIMALS) + 0.0
+    h.update(np.ascontiguousarray(cell, dtype="<f8").tobytes())
+    h.update(np.asarray(atoms.pbc, dtype=np.uint8).tobytes())
+    h.update(np.asarray([charge_of(atoms), multiplicity_of(atoms)], dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def electron_count(numbers: Iterable[int], charge: int) -> int:
+    """Number of electrons of a structure with atomic ``numbers`` and total ``charge``."""
+    return int(sum(int(z) for z in numbers)) - int(charge)
+
+
+def charge_state_problem(numbers: Sequence[int], charge: int, multiplicity: int) -> str | None:
+    """Say what is wrong with a charge/multiplicity pair, or return None when it is consistent.
+
+    The number of unpaired electrons (multiplicity - 1) must have the parity of the
+    electron count and cannot exceed it.
+    """
+    if multiplicity < 1:
+        return f"multiplicity must be >= 1 (got {multiplicity})"
+    n_el = electron_count(numbers, charge)
+    if n_el < 0:
+        return f"charge {charge} leaves {n_el} electrons"
+    unpaired = multiplicity - 1
+    if unpaired > n_el:
+        return f"multiplicity {multiplicity} needs {unpaired} unpaired electrons but there are only {n_el}"
+    if (n_el - unpaired) % 2:
+        parity = "odd" if n_el % 2 else "even"
+        hint = "an even multiplicity (2, 4, ...)" if n_el % 2 else "an odd multiplicity (1, 3, ...)"
+        return (
+            f"charge {charge} gives {n_el} electrons ({parity}), which cannot have multiplicity "
+            f"{multiplicity}; use {hint} or change the charge"
+        )
+    return None
+
+
+def closest_contact(atoms: Atoms) -> tuple[float, int, int]:
+    """Shortest interatomic distance (Å, minimum image for periodic cells) and its pair."""
+    n = len(atoms)
+    if n < 2:
+        return float("inf"), -1, -1
+    d = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
+    d[np.diag_indices(n)] = np.inf
+    i, j = np.unravel_index(np.argmin(d), d.shape)
+    return float(d[i, j]), int(i), int(j)
+
+
+def overlap_problem(atoms: Atoms, factor: float = 0.5) -> str | None:
+    """Say which two atoms overlap (closer than ``factor`` x the sum of covalent radii)."""
+    dmin, i, j = closest_contact(atoms)
+    if i < 0:
+        return None
+    zi, zj = atoms.numbers[i], atoms.numbers[j]
+    limit = factor * (covalent_radii[zi] + covalent_radii[zj])
+    if dmin < limit:
+        return (
+            f"atoms {i} ({chemical_symbols[zi]}) and {j} ({chemical_symbols[zj]}) are "
+            f"{dmin:.3f} Å apart, closer than {limit:.3f} Å: they overlap"
+        )
+    return None
+
+
+def read_structures(path: str | Path, index: str = ":") -> list[Atoms]:
+    """Read every frame of any ASE-readable file; charge/multiplicity stay in ``info``."""
+    frames = read(str(path), index=index)
+    return list(frames) if isinstance(frames, list) else [frames]
+
+
+def labelled_copy(atoms: Atoms, energy: float, forces: np.ndarray, **extra: np.ndarray | float | None) -> Atoms:
+    """Copy of ``atoms`` with reference labels stored as ``REF_*`` keys (extxyz round-trips them).
+
+    ``extra`` may hold ``dipole`` (3,), ``charges`` (n,), ``stress`` (6,); ``None`` values are skipped.
+    """
+    out = atoms.copy()
+    out.calc = None
+    out.info[REF_PREFIX + "energy"] = float(energy)
+    out.arrays[REF_PREFIX + "forces"] = np.asarray(forces, dtype=float).reshape(len(atoms), 3)
+    for key, value in extra.items():
+        if value is None:
+            continue
+        value = np.asarray(value, dtype=float)
+        if value.ndim == 1 and value.shape[0] == len(atoms) and key == "charges":
+            out.arrays[REF_PREFIX + key] = value
+        else:
+            out.info[REF_PREFIX + key] = value
+    return out
+
+
+def write_extxyz(path: str | Path, frames: Sequence[Atoms]) -> Path:
+    """Write frames to an extxyz file atomically (a reader never sees half a file).
+
+    Positions are written on the hash grid (rounded to ``HASH_DECIMALS`` Å): ASE prints
+    them with 8 decimals, and a value within 5e-9 Å of a rounding boundary would
+    otherwise read back with a different :func:`structure_hash`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    snapped = []
+    for atoms in frames:
+        frame = atoms.copy()
+        frame.calc = atoms.calc  # ASE writes a calculator's results; keep them
+        frame.positions = np.round(frame.positions, HASH_DECIMALS)
+        snapped.append(frame)
+    write(str(tmp), snapped, format="extxyz")
+    tmp.replace(path)
+    return path
+
+
+def rattled(atoms: Atoms, n: int, stdev: float, seed: int) -> list[Atoms]:
+    """``n`` copies of ``atoms`` with Gaussian displacements (``stdev`` in Å), reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        frame = atoms.copy()
+        frame.calc = None
+        frame.positions = frame.positions + rng.normal(0.0, stdev, size=frame.positions.shape)
+        frames.append(frame)
+    return frames

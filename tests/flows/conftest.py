@@ -1,0 +1,66 @@
+"""Fixtures for flow tests: an isolated Prefect home and a tiny campaign file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Before anything imports prefect: a private Prefect home, no network.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ionflow-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+ZUNDEL = {
+    "symbols": ["O", "O", "H", "H", "H", "H", "H"],
+    "positions": [
+        [0.0, 0.0746, 1.2269],
+        [0.0, -0.0746, -1.2269],
+        [0.0, 0.0, 0.0],
+        [0.7888, 0.5146, 1.5803],
+        [-0.7888, 0.5146, 1.5803],
+        [0.7888, -0.5146, -1.5803],
+        [-0.7888, -0.5146, -1.5803],
+    ],
+}
+
+
+def tiny_campaign(tmp_path: Path, **changes) -> dict:
+    """A campaign that finishes in seconds: Zundel cation, tblite, a 2-member 1-layer committee."""
+    config = {
+        "name": "tiny",
+        "workdir": str(tmp_path / "runs"),
+        "iterations": 2,
+        "seed": 3,
+        "system": {"charge": 1, "multiplicity": 1, "structure": ZUNDEL},
+        "reference": {"adapter": "tblite"},
+        "model": {"committee_size": 2, "hidden_irreps": "8x0e+8x1o", "mlp_irreps": "8x0e", "num_interactions": 1},
+        "training": {"epochs": 20, "finetune_epochs": 8},
+        "bootstrap": {"n_train": 6, "n_test": 3},
+        "explore": {"walkers": 2, "steps": 30, "sample_every": 5},
+        "selection": {"per_iteration": 3, "threshold": 0.001},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    return config
+
+
+def write_campaign(tmp_path: Path, config: dict, name: str = "campaign.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (with its own database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,139 @@
+"""A real campaign through the real Prefect flow, checked in the database it writes."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from ionflow.db import (
+    Calculation,
+    Campaign,
+    Iteration,
+    MDRun,
+    Model,
+    SelectionDecision,
+    Structure,
+    TrainingMember,
+    make_engine,
+    session_factory,
+    session_scope,
+    sha256_file,
+)
+from ionflow.platform.model import load_calculator
+from ionflow.platform.structures import read_structures
+
+from .conftest import tiny_campaign, write_campaign
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, prefect_server):
+    from ionflow.flows.campaign import campaign_flow
+    from ionflow.flows.tasks import context
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    path = write_campaign(tmp, tiny_campaign(tmp))
+    summary = campaign_flow(str(path))
+    ctx = context(str(path.resolve()))
+    return summary, ctx, path
+
+
+def count(session, model, *where):
+    return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def test_campaign_runs_every_iteration(finished):
+    summary, ctx, _ = finished
+    assert summary["stop_reason"] == "finished 2 iterations"
+    with session_scope(ctx.sessions) as s:
+        campaign = s.scalar(select(Campaign))
+        assert campaign.status == "finished"
+        assert campaign.prefect_flow_run_id  # a reference to the Prefect run
+        iterations = s.scalars(select(Iteration).order_by(Iteration.index)).all()
+        assert [it.index for it in iterations] == [0, 1, 2]
+        assert all(it.status == "done" and it.finished_at is not None for it in iterations)
+        for it in iterations:
+            assert it.metrics["test_forces_rmse"] > 0
+            assert it.metrics["test_n"] == 3
+
+
+def test_every_selected_frame_is_labelled_and_trained_on(finished):
+    _, ctx, _ = finished
+    with session_scope(ctx.sessions) as s:
+        chosen = s.scalars(select(SelectionDecision).where(SelectionDecision.chosen.is_(True))).all()
+        assert 1 <= len(chosen) <= 2 * 3
+        for d in chosen:
+            calc = s.scalar(select(Calculation).where(Calculation.structure_id == d.structure_id))
+            assert calc is not None and calc.status == "ok"
+            assert d.score >= d.threshold
+            assert d.md_run_id is not None
+        rejected = count(s, SelectionDecision, SelectionDecision.chosen.is_(False))
+        assert rejected > 0  # every candidate has a decision, with a reason
+        assert all(d.reason for d in s.scalars(select(SelectionDecision)))
+        # 6 initial + 3 test + the chosen ones, all computed once
+        assert count(s, Calculation) == 9 + len(chosen)
+        latest = s.scalar(select(Model).order_by(Model.version.desc()))
+        members = s.scalars(select(TrainingMember).where(TrainingMember.model_id == latest.id)).all()
+        test_ids = set(
+            s.scalars(select(Calculation.id).join(Structure).where(Structure.origin == "test")).all()
+        )
+        assert len(members) == 6 + len(chosen)
+        assert not {m.calculation_id for m in members} & test_ids  # never train on the test set
+        assert {m.split for m in members} == {"train", "valid"}
+
+
+def test_models_form_a_lineage_with_verified_files(finished):
+    _, ctx, _ = finished
+    with session_scope(ctx.sessions) as s:
+        models = s.scalars(select(Model).order_by(Model.version)).all()
+        assert [m.version for m in models] == [0, 1, 2]
+        assert models[0].parent_id is None
+        assert [m.parent_id for m in models[1:]] == [models[0].id, models[1].id]
+        for m in models:
+            path = ctx.store.path(m.checkpoint_path)
+            assert sha256_file(path) == m.checkpoint_sha256
+            assert m.metrics["test"]["n"] == 3
+        runs = s.scalars(select(MDRun)).all()
+        assert len(runs) == 2 * 2
+        assert {r.model_id for r in runs} == {models[0].id, models[1].id}
+        assert all(r.n_steps_done >= 1 and r.stop_reason for r in runs)
+
+
+def test_outputs_are_usable(finished):
+    summary, ctx, _ = finished
+    dataset = read_structures(summary["dataset"])
+    assert all("REF_energy" in a.info and "REF_forces" in a.arrays for a in dataset)
+    assert all(a.info["charge"] == 1 and a.info["multiplicity"] == 1 for a in dataset)
+    test = read_structures(summary["test_set"])
+    atoms = test[0]
+    atoms.calc = load_calculator(summary["model"])
+    energy = atoms.get_potential_energy()
+    assert abs(energy - atoms.info["REF_energy"]) < 5.0  # right scale: within a few eV of GFN2-xTB
+    assert atoms.calc.results["forces_uncertainty"].shape == (len(atoms),)
+
+
+def test_rerun_of_a_finished_campaign_computes_nothing(finished):
+    from ionflow.flows.campaign import campaign_flow
+
+    summary, ctx, path = finished
+    with session_scope(ctx.sessions) as s:
+        before = s.execute(select(Calculation.id, Calculation.created_at)).all()
+        models_before = count(s, Model)
+    again = campaign_flow(str(path))
+    with session_scope(ctx.sessions) as s:
+        assert s.execute(select(Calculation.id, Calculation.created_at)).all() == before
+        assert count(s, Model) == models_before
+    assert again["model"] == summary["model"]
+
+
+def test_status_prints_the_iterations_from_the_database(finished):
+    from typer.testing import CliRunner
+
+    from ionflow.cli import app
+
+    _, ctx, path = finished
+    for target in (str(ctx.folder), str(path)):
+        result = CliRunner().invoke(app, ["status", target], env={"COLUMNS": "160"})
+        assert result.exit_code == 0, result.output
+        assert "tiny (finished)" in result.output
+        lines = [line for line in result.output.splitlines() if "done" in line]
+        assert len(lines) == 3 and "v2" in lines[-1]

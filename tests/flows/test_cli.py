@@ -1,0 +1,64 @@
+"""The command line: validation before any work, status from the database."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ionflow.cli import app
+
+from .conftest import tiny_campaign, write_campaign
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"colour": "blue"}, ["colour", "unknown key"]),
+        ({"explore": {"steps": 0}}, ["explore.steps"]),
+        ({"model": {"committee_size": 1}}, ["model.committee_size"]),
+        ({"system": {"charge": 0}}, ["electrons", "multiplicity"]),
+        ({"system": {"multiplicity": 2}}, ["electrons", "multiplicity 2"]),
+        ({"reference": {"adapter": "gaussian"}}, ["gaussian", "pyscf", "tblite"]),
+        ({"reference": {"adapter": "pyscf", "settings": {"basis_set": "sto-3g"}}}, ["basis_set"]),
+        ({"selection": {"threshold": 3.0, "ceiling": 2.0}}, ["ceiling", "threshold"]),
+    ],
+)
+def test_run_refuses_bad_campaigns_before_any_work(tmp_path, change, words):
+    config = tiny_campaign(tmp_path)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = write_campaign(tmp_path, config)
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    for word in words:
+        assert word in result.output
+    assert str(path) in result.output
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_run_refuses_unknown_elements_and_overlaps(tmp_path):
+    config = tiny_campaign(tmp_path)
+    config["system"]["structure"] = {"symbols": ["Xx", "H"], "positions": [[0, 0, 0], [0, 0, 1]]}
+    result = runner.invoke(app, ["run", str(write_campaign(tmp_path, config))])
+    assert result.exit_code == 2 and "Xx" in result.output
+    config["system"] = {"charge": 0, "structure": {"symbols": ["H", "H"], "positions": [[0, 0, 0], [0, 0, 0.05]]}}
+    result = runner.invoke(app, ["run", str(write_campaign(tmp_path, config))])
+    assert result.exit_code == 2 and "overlap" in result.output
+
+
+def test_validate_accepts_the_quickstart():
+    result = runner.invoke(app, ["validate", "examples/quickstart.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "zundel-quickstart" in result.output
+
+
+def test_status_before_a_run_says_so(tmp_path):
+    path = write_campaign(tmp_path, tiny_campaign(tmp_path))
+    result = runner.invoke(app, ["status", str(path)])
+    assert result.exit_code == 2 and "has not run yet" in result.output

@@ -1,0 +1,238 @@
+"""The campaign file: the example loads; every mistake is caught at the edge, naming file and field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from ase import Atoms
+from ase.io import write
+
+from ionflow.config import CampaignConfig, ConfigError, load_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+
+ZUNDEL = {
+    "symbols": ["O", "O", "H", "H", "H", "H", "H"],
+    "positions": [
+        [0.0, 0.0746, 1.2269],
+        [0.0, -0.0746, -1.2269],
+        [0.0, 0.0, 0.0],
+        [0.7888, 0.5146, 1.5803],
+        [-0.7888, 0.5146, 1.5803],
+        [0.7888, -0.5146, -1.5803],
+        [-0.7888, -0.5146, -1.5803],
+    ],
+}
+
+BASE = {
+    "name": "zundel-test",
+    "system": {"charge": 1, "multiplicity": 1, "structure": ZUNDEL},
+    "reference": {"adapter": "tblite", "settings": {"accuracy": 0.5}},
+    "model": {"committee_size": 2, "hidden_irreps": "8x0e+8x1o"},
+    "explore": {"steps": 20, "sample_every": 5},
+}
+
+
+def write_config(tmp_path: Path, raw: dict, name: str = "campaign.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def config_error(tmp_path: Path, change) -> str:
+    raw = copy.deepcopy(BASE)
+    change(raw)
+    path = write_config(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    return message
+
+
+def test_quickstart_example_loads():
+    cfg = load_config(EXAMPLE)
+    assert isinstance(cfg, CampaignConfig)
+    assert cfg.name == "zundel-quickstart"
+    atoms = cfg.system.atoms()
+    assert atoms.get_chemical_formula() == "H5O2"
+    assert atoms.info == {"charge": 1, "multiplicity": 1}
+    assert cfg.reference.adapter == "pyscf"
+    assert cfg.reference.settings["xc"] == "pbe"
+    assert cfg.model.committee_size == 3
+    assert cfg.explore.sample_every <= cfg.explore.steps
+    assert cfg.selection.threshold < cfg.selection.ceiling
+
+
+def test_minimal_config_fills_defaults_and_validates_adapter_settings(tmp_path):
+    cfg = load_config(write_config(tmp_path, BASE))
+    assert cfg.model.r_max == 4.0 and cfg.model.dtype == "float64"
+    assert cfg.reference.settings["accuracy"] == 0.5
+    assert cfg.reference.settings["method"] == "GFN2-xTB", "adapter defaults are filled in"
+    assert cfg.campaign_dir == (Path("runs") / "zundel-test").resolve()
+    assert cfg.db_url.startswith("sqlite:///") and cfg.db_url.endswith("ionflow.db")
+
+
+def test_science_hash_ignores_where_but_not_what(tmp_path):
+    a = load_config(write_config(tmp_path, BASE, "a.yaml"))
+    b = load_config(write_config(tmp_path, {**BASE, "workdir": "elsewhere", "iterations": 9}, "b.yaml"))
+    c = load_config(write_config(tmp_path, {**BASE, "seed": 1}, "c.yaml"))
+    assert a.science_hash() == b.science_hash()
+    assert a.science_hash() != c.science_hash()
+
+
+def test_unknown_top_level_key(tmp_path):
+    message = config_error(tmp_path, lambda r: r.update(iteratons=4))
+    assert "iteratons" in message and "unknown key" in message
+
+
+@pytest.mark.parametrize("section", ["model", "training", "explore", "selection", "bootstrap", "system"])
+def test_unknown_key_in_a_section(tmp_path, section):
+    message = config_error(tmp_path, lambda r: r.setdefault(section, {}).update(colour="red"))
+    assert f"{section}.colour" in message and "unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("explore", "steps", 0),
+        ("explore", "timestep_fs", -0.5),
+        ("model", "committee_size", 1),
+        ("model", "r_max", 0.0),
+        ("training", "learning_rate", 0.0),
+        ("selection", "per_iteration", 0),
+        ("bootstrap", "rattle_stdev", -0.1),
+        (None, "iterations", 0),
+    ],
+)
+def test_out_of_range_values_name_the_field(tmp_path, section, field, value):
+    def change(raw):
+        (raw.setdefault(section, {}) if section else raw)[field] = value
+
+    message = config_error(tmp_path, change)
+    assert (f"{section}.{field}" if section else f"{field}:") in message
+
+
+def test_inconsistent_sections_are_explained(tmp_path):
+    message = config_error(tmp_path, lambda r: r["explore"].update(steps=4, sample_every=5))
+    assert "sample_every" in message
+    message = config_error(tmp_path, lambda r: r.update(selection={"threshold": 1.0, "ceiling": 0.5}))
+    assert "ceiling" in message and "threshold" in message
+    message = config_error(tmp_path, lambda r: r.update(training={"energy_weight": 0, "forces_weight": 0}))
+    assert "energy_weight" in message
+
+
+def test_charge_inconsistent_with_multiplicity_mentions_electrons(tmp_path):
+    message = config_error(tmp_path, lambda r: r["system"].update(charge=0))  # H5O2: 21 electrons
+    assert "electrons" in message and "21" in message
+    assert "multiplicity 1" in message
+    assert "H5O2" in message
+
+
+def test_consistent_radical_is_accepted(tmp_path):
+    raw = copy.deepcopy(BASE)
+    hydroxyl = {"symbols": ["O", "H"], "positions": [[0, 0, 0], [0, 0, 0.98]]}
+    raw["system"] = {"charge": 0, "multiplicity": 2, "structure": hydroxyl}
+    cfg = load_config(write_config(tmp_path, raw))
+    assert cfg.system.atoms().info == {"charge": 0, "multiplicity": 2}
+
+
+def test_unknown_element_is_named(tmp_path):
+    message = config_error(tmp_path, lambda r: r["system"]["structure"]["symbols"].__setitem__(2, "Xx"))
+    assert "system.structure.inline.symbols: unknown element(s): Xx" in message
+    # the file-path branch of the union, and pydantic's internal names, are noise for an inline structure
+    assert "not a valid path" not in message and "function-after" not in message
+
+
+def test_symbols_and_positions_must_match(tmp_path):
+    message = config_error(tmp_path, lambda r: r["system"]["structure"]["positions"].pop())
+    assert "7 symbols but 6 positions" in message
+
+
+def test_overlapping_atoms_are_named(tmp_path):
+    message = config_error(tmp_path, lambda r: r["system"]["structure"]["positions"].__setitem__(3, [0.0, 0.0, 0.1]))
+    assert "overlap" in message
+    assert "atoms 2 (H) and 3 (H)" in message
+
+
+def test_unknown_adapter_lists_the_known_ones(tmp_path):
+    message = config_error(tmp_path, lambda r: r["reference"].update(adapter="vasp"))
+    assert "vasp" in message
+    assert "pyscf" in message and "tblite" in message
+
+
+def test_unknown_adapter_setting(tmp_path):
+    message = config_error(tmp_path, lambda r: r["reference"]["settings"].update(basis="def2-svp"))
+    assert "basis" in message and "tblite" in message
+
+
+def test_bad_irreps_are_rejected(tmp_path):
+    message = config_error(tmp_path, lambda r: r["model"].update(hidden_irreps="8xbanana"))
+    assert "model.hidden_irreps" in message and "8xbanana" in message
+
+
+def test_structure_file_is_relative_to_the_yaml_file(tmp_path, monkeypatch):
+    folder = tmp_path / "campaigns"
+    (folder / "geometries").mkdir(parents=True)
+    water = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    write(folder / "geometries" / "water.xyz", water)
+    raw = copy.deepcopy(BASE)
+    raw["system"] = {"charge": 0, "multiplicity": 1, "structure": "geometries/water.xyz"}
+    path = write_config(folder, raw)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a relative path must not depend on the working directory
+    cfg = load_config(path)
+    assert Path(cfg.system.structure) == (folder / "geometries" / "water.xyz").resolve()
+    atoms = cfg.system.atoms()
+    assert atoms.get_chemical_formula() == "H2O"
+    assert atoms.info == {"charge": 0, "multiplicity": 1}
+
+    raw["system"]["structure"] = "geometries/missing.xyz"
+    message = config_error(folder, lambda r: r.update(system=raw["system"]))
+    assert "missing.xyz" in message and "does not exist" in message
+
+
+def test_structure_file_charge_state_is_checked(tmp_path):
+    write(tmp_path / "oh.xyz", Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.98]]))
+    message = config_error(
+        tmp_path, lambda r: r.update(system={"charge": 0, "multiplicity": 1, "structure": "oh.xyz"})
+    )
+    assert "electrons" in message
+
+
+def test_file_level_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="no such campaign file") as info:
+        load_config(missing)
+    assert str(info.value).startswith(str(missing))
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_config(broken)
+    assert str(info.value).startswith(str(broken))
+
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping") as info:
+        load_config(listing)
+    assert str(info.value).startswith(str(listing))
+
+    message = config_error(tmp_path, lambda r: r.pop("system"))
+    assert "system" in message
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = write_config(tmp_path, BASE)
+    assert load_config(path, overrides={"seed": 7}).seed == 7
+    with pytest.raises(ConfigError, match="seed"):
+        load_config(path, overrides={"seed": -1})
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
