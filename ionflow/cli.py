@@ -54,7 +54,7 @@ def _log_to(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(folder / "campaign.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("ionflow", "prefect"):
+    for name in ("ionflow", "prefect"):  # prefect.flow_runs / prefect.task_runs propagate to "prefect"
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
@@ -107,9 +107,10 @@ def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> Non
     cfg = _load(config)
     _check_resumable(cfg)
     _prefect_environment()
-    _log_to(cfg.campaign_dir)
     from ionflow.flows.campaign import campaign_flow
     from ionflow.flows.report import console
+
+    _log_to(cfg.campaign_dir)  # after importing prefect, whose logging setup replaces handlers
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
         signal.signal(signal.SIGINT, _on_sigint)

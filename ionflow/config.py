@@ -156,7 +156,7 @@ class ModelConfig(Strict):
     @field_validator("hidden_irreps", "mlp_irreps")
     @classmethod
     def _irreps(cls, value: str) -> str:
-        import mace  # noqa: F401  (mace first: it lets e3nn load its constants on torch >= 2.6)
+        import ionflow.platform.model._mace  # noqa: F401  (mace before e3nn)
         from e3nn import o3
 
         try:
@@ -171,9 +171,9 @@ class TrainingConfig(Strict):
 
     epochs: int = Field(300, ge=1, description="Epochs for the first model (from scratch).")
     finetune_epochs: int = Field(120, ge=1, description="Epochs when a model is refined from its parent.")
-    learning_rate: float = Field(1e-2, gt=0, le=1.0, description="Adam learning rate.")
+    learning_rate: float = Field(2e-2, gt=0, le=1.0, description="Adam learning rate.")
     batch_size: int = Field(32, ge=1, description="Structures per optimiser step.")
-    energy_weight: float = Field(10.0, ge=0, description="Weight of the per-atom energy error (eV/atom)^2.")
+    energy_weight: float = Field(1.0, ge=0, description="Weight of the per-atom energy error (eV/atom)^2.")
     forces_weight: float = Field(1.0, ge=0, description="Weight of the force error (eV/Å)^2.")
     valid_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of labels kept out for validation.")
 

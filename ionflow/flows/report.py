@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -34,15 +35,23 @@ def stage(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
         progress.update(task, completed=progress.tasks[0].total)
 
 
+CAPTION = (
+    "labels: reference labels so far; picked: frames selected this iteration; E, F: test-set RMSE "
+    "of energy per atom and forces; σF: committee force spread (eV/Å) over explored frames"
+)
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Labels so far, test errors, force uncertainty of explored frames, frames selected."""
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for header in ("iter", "status", "labels", "selected", "E RMSE meV/at", "F RMSE eV/Å", "σF mean eV/Å", "σF max eV/Å", "model"):
-        table.add_column(header, justify="right")
+    table = Table(
+        title=title, title_justify="left", caption=CAPTION, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    for header in ("iter", "status", "labels", "picked", "E meV/at", "F eV/Å", "σF mean", "σF max", "model"):
+        table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
         m = row.get("metrics") or {}
         e = m.get("test_energy_rmse")

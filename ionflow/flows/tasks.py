@@ -15,14 +15,13 @@ of exploring.
 from __future__ import annotations
 
 import functools
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ase import Atoms
-from prefect import task
+from prefect import get_run_logger, task
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,7 +59,6 @@ from ionflow.platform.structures import rattled, read_structures, structure_hash
 from ionflow.platform.training import evaluate as evaluate_committee
 from ionflow.platform.training import train_committee
 
-log = logging.getLogger("ionflow")
 
 ORDER = ("started", "explored", "selected", "labelled", "trained", "done")
 
@@ -235,6 +233,11 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             "temperature_K": temperature,
         }
         it.status = "explored"
+        get_run_logger().info(
+            "iteration %d explored: %d walkers (%d stopped early), %d candidate frames, force spread mean %.3f max %.3f eV/Å",
+            index, len(walkers), it.metrics["walkers_stopped"], len(scores),
+            it.metrics["explored_force_std_mean"] or 0.0, it.metrics["explored_force_std_max"] or 0.0,
+        )
         return dict(it.metrics)
 
 
@@ -287,6 +290,7 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
         chosen = sum(d.chosen for d in decisions)
         it.metrics = dict(it.metrics or {}, candidates=len(decisions), selected=chosen)
         it.status = "selected"
+        get_run_logger().info("iteration %d: %d of %d candidate frames selected for labelling", index, chosen, len(decisions))
         return chosen
 
 
@@ -332,11 +336,12 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
                 )
             counts[result.status] = counts.get(result.status, 0) + 1
             if not result.ok:
-                log.warning("calculation of structure %s: %s (%s)", structure_id, result.status, result.error)
+                get_run_logger().warning("calculation of structure %s: %s (%s)", structure_id, result.status, result.error)
             update(done, len(pending))
     with session_scope(ctx.sessions) as session:
         it = _iteration(session, campaign_id, index)
         it.status = "labelled"
+    get_run_logger().info("iteration %d labelled with %s: %s", index, adapter.name, counts or "nothing new")
     return counts
 
 
@@ -397,6 +402,10 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
             session.add(TrainingMember(model_id=model.id, calculation_id=calc.id, split="valid" if split[calc.id] else "train"))
         write_extxyz(ctx.folder / "dataset.extxyz", [a for _, a in pool])
         it.status = "trained"
+        get_run_logger().info(
+            "model v%d trained on %d+%d labels in %.0f s (%d epochs%s)",
+            index, len(train), len(valid), report.wall_time_s, epochs, f", from v{parent.version}" if parent else "",
+        )
         return model.id
 
 
@@ -419,6 +428,11 @@ def evaluate_task(config_path: str, campaign_id: int, index: int) -> dict[str, A
         it.metrics = metrics
         it.status = "done"
         it.finished_at = utcnow()
+        if "test_forces_rmse" in metrics:
+            get_run_logger().info(
+                "iteration %d: test energy RMSE %.1f meV/atom, force RMSE %.3f eV/Å on %d structures",
+                index, 1000 * metrics["test_energy_rmse"], metrics["test_forces_rmse"], metrics["test_n"],
+            )
         return metrics
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import mace  # noqa: F401  (mace before e3nn: e3nn can load its constants on torch >= 2.6)
 import numpy as np
 import torch
-from e3nn import o3
-from mace.modules import ScaleShiftMACE, interaction_classes
+
+from ionflow.platform.model._mace import ScaleShiftMACE, interaction_classes  # before e3nn
+
+from e3nn import o3  # noqa: E402, I001
 
 # MACE's defaults for the interaction blocks of its "MACE" model type.
 _INTERACTION = interaction_classes["RealAgnosticResidualInteractionBlock"]
