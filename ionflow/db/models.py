@@ -1,8 +1,10 @@
 """The provenance schema: one ORM class per thing a campaign records.
 
 Every row says where a thing came from (campaign, iteration, MD run, parent
-model); big arrays live in the content-addressed object store
-(:mod:`ionflow.db.objects`) and rows hold only their relative paths and sha256.
+model). Structures and their calculations are content, shared by all campaigns
+in a database; a campaign's view of them is its ``campaign_structure`` rows.
+Big arrays live in the content-addressed object store (:mod:`ionflow.db.objects`)
+and rows hold only their relative paths and sha256.
 Timestamps are timezone-aware UTC. Units: energies eV, forces eV/Å,
 temperatures K, time steps fs, wall times s.
 
@@ -102,7 +104,9 @@ class Campaign(Base):
         back_populates="campaign", order_by="Iteration.index"
     )
     models: Mapped[list[Model]] = relationship(back_populates="campaign", order_by="Model.version")
-    structures: Mapped[list[Structure]] = relationship(back_populates="campaign")
+    members: Mapped[list[CampaignStructure]] = relationship(
+        back_populates="campaign", order_by="CampaignStructure.id"
+    )
 
 
 class Iteration(Base):
@@ -130,8 +134,10 @@ class Iteration(Base):
 class Structure(Base):
     """A geometry with its charge state, identified by its content hash.
 
-    The atoms live in the object store at ``path`` (extxyz); ``md_run_id`` names the
-    MD run it was taken from, if any.
+    A structure is content, shared by every campaign in the database that meets it
+    (so a calculation of it is never repeated, whoever asks); the atoms live in the
+    object store at ``path`` (extxyz). Which campaigns it belongs to, and why, is in
+    :class:`CampaignStructure`.
     """
 
     __tablename__ = "structure"
@@ -143,18 +149,40 @@ class Structure(Base):
     charge: Mapped[int]  # total charge, e
     multiplicity: Mapped[int]  # 2S+1
     path: Mapped[str]  # extxyz file, relative to the object-store root
-    origin: Mapped[str]  # initial, test, md, user, ...
-    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaign.id"), index=True)
-    iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
-    # structure -> md_run -> structure (its start) is a cycle; use_alter lets
-    # PostgreSQL add this key after both tables exist
-    md_run_id: Mapped[int | None] = mapped_column(ForeignKey("md_run.id", use_alter=True), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    campaign: Mapped[Campaign | None] = relationship(back_populates="structures")
-    iteration: Mapped[Iteration | None] = relationship()
-    md_run: Mapped[MDRun | None] = relationship(back_populates="structures", foreign_keys=[md_run_id])
+    memberships: Mapped[list[CampaignStructure]] = relationship(back_populates="structure")
     calculations: Mapped[list[Calculation]] = relationship(back_populates="structure")
+
+
+class CampaignStructure(Base):
+    """A structure's membership of one campaign: when and how it entered that campaign.
+
+    Per-campaign facts live here rather than on :class:`Structure`, because two
+    campaigns sharing a database may meet the same structure (identical bootstrap
+    rattles, say) for different reasons. ``origin`` is ``initial`` (bootstrap
+    training pool), ``test`` (the campaign's fixed test set), ``md`` (a frame
+    sampled by ``md_run``), ``md-start`` (a walker's start) or ``user``; the first
+    membership of a structure in a campaign is kept, never overwritten.
+    """
+
+    __tablename__ = "campaign_structure"
+    # the unique constraint's leading column also indexes campaign_id
+    __table_args__ = (UniqueConstraint("campaign_id", "structure_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaign.id"))
+    structure_id: Mapped[int] = mapped_column(ForeignKey("structure.id"), index=True)
+    # the iteration that brought it into the campaign (None: added outside the loop)
+    iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
+    md_run_id: Mapped[int | None] = mapped_column(ForeignKey("md_run.id"), index=True)  # the run it was sampled from
+    origin: Mapped[str]  # initial, test, md, md-start, user, ...
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    campaign: Mapped[Campaign] = relationship(back_populates="members")
+    structure: Mapped[Structure] = relationship(back_populates="memberships")
+    iteration: Mapped[Iteration | None] = relationship()
+    md_run: Mapped[MDRun | None] = relationship(back_populates="samples")
 
 
 class Calculation(Base):
@@ -258,10 +286,9 @@ class MDRun(Base):
     campaign: Mapped[Campaign] = relationship()
     iteration: Mapped[Iteration] = relationship(back_populates="md_runs")
     model: Mapped[Model | None] = relationship()
-    start_structure: Mapped[Structure] = relationship(foreign_keys=[start_structure_id])
-    structures: Mapped[list[Structure]] = relationship(
-        back_populates="md_run", foreign_keys="Structure.md_run_id"
-    )
+    start_structure: Mapped[Structure] = relationship()
+    # the sampled frames, as memberships of the run's campaign
+    samples: Mapped[list[CampaignStructure]] = relationship(back_populates="md_run")
 
 
 class SelectionDecision(Base):

@@ -164,6 +164,24 @@ class ObjectStore:
             Path(tmp).unlink(missing_ok=True)
         return relpath, digest
 
+    def copy_from(self, source: ObjectStore, relpath: str) -> None:
+        """Copy the object at ``relpath`` from another store, unless this one has it.
+
+        Paths are content addresses, so the same ``relpath`` in two stores names the
+        same bytes; callers that know a sha256 should :meth:`verify` the copy.
+        """
+        target = self.path(relpath)
+        if target.exists():
+            return
+        src = source.path(relpath)
+
+        def copy(f: IO[bytes]) -> None:
+            with open(src, "rb") as s:
+                while chunk := s.read(_CHUNK):
+                    f.write(chunk)
+
+        _atomic_write(target, copy)
+
     def verify(self, relpath: str, sha256: str) -> bool:
         """True when ``relpath`` exists and its bytes have this sha256."""
         path = self.path(relpath)

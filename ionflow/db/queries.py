@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, literal, select
+from sqlalchemy import ColumnElement, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased, joinedload
 
 from ionflow.db.models import (
     Calculation,
     Campaign,
+    CampaignStructure,
     Iteration,
     MDRun,
     Model,
@@ -25,6 +26,27 @@ from ionflow.db.models import (
 
 #: Parent chains longer than this are treated as corrupt (a cycle) and cut.
 _MAX_LINEAGE_DEPTH = 10_000
+
+#: Membership origins of structures a campaign only samples (MD frames, walker starts).
+CANDIDATE_ORIGINS = ("md", "md-start")
+
+
+def asked_to_label(campaign_id: int) -> ColumnElement[bool]:
+    """Condition on :class:`CampaignStructure` rows of campaign ``campaign_id``: the campaign
+    asked for this member's label, so its calculation is one of the campaign's labels.
+
+    True for every member except MD candidates (origins in :data:`CANDIDATE_ORIGINS`) that
+    the campaign did not choose for labelling. A candidate that another campaign sharing
+    the database labelled stays a candidate here until this campaign chooses it too (and
+    then reuses that calculation): sharing a database changes what a campaign pays for its
+    labels, never which labels it selects, trains on and counts.
+    """
+    chosen_here = (
+        select(SelectionDecision.structure_id)
+        .join(Iteration, SelectionDecision.iteration_id == Iteration.id)
+        .where(Iteration.campaign_id == campaign_id, SelectionDecision.chosen.is_(True))
+    )
+    return or_(CampaignStructure.origin.not_in(CANDIDATE_ORIGINS), CampaignStructure.structure_id.in_(chosen_here))
 
 
 def campaign_by_name(session: Session, name: str) -> Campaign | None:
@@ -49,9 +71,12 @@ def find_calculation(session: Session, structure_hash: str, settings_hash: str) 
 def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
     """One summary dict per iteration of a campaign, in iteration order.
 
-    Keys: ``index``, ``status``; ``n_labels``: ok calculations of the campaign's
-    structures made in this or an earlier iteration or outside any iteration
-    (cumulative, the training-set size available); ``n_failed``: calculations of this
+    Keys: ``index``, ``status``; ``n_labels``: ok calculations of the campaign's labels
+    (members it asked to label, see :func:`asked_to_label`; test set included) available
+    by the end of this iteration, cumulative: one made in this campaign counts from the
+    iteration that made it; one made outside any iteration, or by another campaign
+    sharing the database, from the iteration that brought its structure into this
+    campaign (from the start if none did); ``n_failed``: calculations of this
     iteration that did not end ``ok`` (failed, unconverged, timeout); ``n_selected``:
     structures chosen for labelling in this iteration; ``n_md_runs``; ``model_version``:
     the newest model trained in this iteration, or None; ``metrics`` (``{}`` if unset).
@@ -60,16 +85,24 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
         select(Iteration).where(Iteration.campaign_id == campaign_id).order_by(Iteration.index)
     ).all()
     in_campaign = select(Iteration.id).where(Iteration.campaign_id == campaign_id)
+    index_of = {it.id: it.index for it in iterations}
 
-    # ok labels per iteration id (None: labelled outside the loop, e.g. the initial set)
-    ok_by_iteration = dict(
-        session.execute(
-            select(Calculation.iteration_id, func.count())
-            .join(Calculation.structure)
-            .where(Structure.campaign_id == campaign_id, Calculation.status == "ok")
-            .group_by(Calculation.iteration_id)
-        ).all()
-    )
+    # ok labels by (iteration that computed them, iteration their structure joined the campaign);
+    # either may be None or, for the first, another campaign's iteration
+    ok_labels = session.execute(
+        select(Calculation.iteration_id, CampaignStructure.iteration_id, func.count())
+        .join(CampaignStructure, CampaignStructure.structure_id == Calculation.structure_id)
+        .where(
+            CampaignStructure.campaign_id == campaign_id, asked_to_label(campaign_id), Calculation.status == "ok"
+        )
+        .group_by(Calculation.iteration_id, CampaignStructure.iteration_id)
+    ).all()
+    # the iteration index from which each group counts (None: from the start): a label is
+    # usable once its structure is a member and it is computed, whichever came later
+    available_from: list[tuple[int | None, int]] = []
+    for computed_in, joined_in, n in ok_labels:
+        known = [index_of[i] for i in (computed_in, joined_in) if i in index_of]
+        available_from.append((max(known) if known else None, n))
     failed = _count_by_iteration(
         session, Calculation.iteration_id, Calculation.iteration_id.in_(in_campaign), Calculation.status != "ok"
     )
@@ -90,7 +123,7 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
 
     table = []
     for it in iterations:
-        n_labels = sum(n for iid, n in ok_by_iteration.items() if iid is None or iid <= it.id)
+        n_labels = sum(n for start, n in available_from if start is None or start <= it.index)
         table.append(
             {
                 "index": it.index,
@@ -120,8 +153,9 @@ def model_lineage(session: Session, model_id: int) -> dict[str, Any]:
       ``members``: its :class:`TrainingMember` rows (``split`` is train/valid), each with
       ``calculation`` and ``calculation.structure`` loaded;
       ``calculations`` and ``structures``: those calculations and their structures;
-      ``md_runs``: the MD runs the structures were taken from (``structure.md_run_id``);
-      ``decisions``: the selection decisions about those structures.
+      ``md_runs``: the MD runs the structures were sampled from in the model's campaign
+      (their ``campaign_structure.md_run_id``);
+      ``decisions``: the model's campaign's selection decisions about those structures.
     Raises ``LookupError`` if there is no model ``model_id``.
     """
     model = session.get(Model, model_id)
@@ -159,11 +193,16 @@ def model_lineage(session: Session, model_id: int) -> dict[str, Any]:
         .join(TrainingMember, TrainingMember.calculation_id == Calculation.id)
         .where(TrainingMember.model_id == model_id)
     )
-    source_runs = select(Structure.md_run_id).where(Structure.id.in_(trained_structures))
+    # another campaign sharing the database may have sampled and chosen the same structures:
+    # its runs and decisions are not this model's lineage
+    source_runs = select(CampaignStructure.md_run_id).where(
+        CampaignStructure.campaign_id == model.campaign_id, CampaignStructure.structure_id.in_(trained_structures)
+    )
     md_runs = session.scalars(select(MDRun).where(MDRun.id.in_(source_runs)).order_by(MDRun.id)).all()
     decisions = session.scalars(
         select(SelectionDecision)
-        .where(SelectionDecision.structure_id.in_(trained_structures))
+        .join(Iteration, SelectionDecision.iteration_id == Iteration.id)
+        .where(Iteration.campaign_id == model.campaign_id, SelectionDecision.structure_id.in_(trained_structures))
         .order_by(SelectionDecision.iteration_id, SelectionDecision.id)
     ).all()
 

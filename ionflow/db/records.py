@@ -15,8 +15,9 @@ from ase import Atoms
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ionflow.db.models import Calculation, Campaign, Iteration, Structure, utcnow
+from ionflow.db.models import Calculation, Campaign, CampaignStructure, Iteration, Structure, utcnow
 from ionflow.db.objects import ObjectStore
+from ionflow.db.queries import asked_to_label
 from ionflow.platform.structures import charge_of, labelled_copy, multiplicity_of, structure_hash
 
 
@@ -58,30 +59,55 @@ def add_structure(
     store: ObjectStore,
     atoms: Atoms,
     origin: str,
-    campaign_id: int | None = None,
+    campaign_id: int,
     iteration_id: int | None = None,
     md_run_id: int | None = None,
 ) -> Structure:
-    """The row of ``atoms`` (by content hash), stored and inserted if it is new."""
+    """The row of ``atoms`` (by content hash), made a member of campaign ``campaign_id``.
+
+    The structure is stored and inserted if it is new to the database; one that
+    another campaign met first is reused, so its calculations are never repeated.
+    Its membership of this campaign records ``origin``, ``iteration_id`` (the
+    iteration that brought it in) and ``md_run_id`` (the run it was sampled from);
+    if it is already a member, that first membership is kept unchanged.
+    """
     h = structure_hash(atoms)
     row = session.scalar(select(Structure).where(Structure.hash == h))
-    if row is not None:
-        return row
-    row = Structure(
-        hash=h,
-        formula=atoms.get_chemical_formula(),
-        n_atoms=len(atoms),
-        charge=charge_of(atoms),
-        multiplicity=multiplicity_of(atoms),
-        path=store.put_structure(atoms),
-        origin=origin,
-        campaign_id=campaign_id,
-        iteration_id=iteration_id,
-        md_run_id=md_run_id,
-    )
-    session.add(row)
-    session.flush()
+    if row is None:
+        row = Structure(
+            hash=h,
+            formula=atoms.get_chemical_formula(),
+            n_atoms=len(atoms),
+            charge=charge_of(atoms),
+            multiplicity=multiplicity_of(atoms),
+            path=store.put_structure(atoms),
+        )
+        session.add(row)
+        session.flush()
+    elif not store.path(row.path).exists():
+        # met first by a campaign with another object store: this one must hold the file too
+        store.put_structure(atoms)
+    if membership(session, campaign_id, row.id) is None:
+        session.add(
+            CampaignStructure(
+                campaign_id=campaign_id,
+                structure_id=row.id,
+                iteration_id=iteration_id,
+                md_run_id=md_run_id,
+                origin=origin,
+            )
+        )
+        session.flush()
     return row
+
+
+def membership(session: Session, campaign_id: int, structure_id: int) -> CampaignStructure | None:
+    """Why and when the structure entered the campaign, or None if it is not a member."""
+    return session.scalar(
+        select(CampaignStructure).where(
+            CampaignStructure.campaign_id == campaign_id, CampaignStructure.structure_id == structure_id
+        )
+    )
 
 
 def calculation_for(session: Session, structure_id: int, settings_hash: str) -> Calculation | None:
@@ -143,17 +169,52 @@ def labelled_atoms(store: ObjectStore, structure: Structure, calculation: Calcul
     return out
 
 
+def adopt_calculation(session: Session, store: ObjectStore, calculation: Calculation) -> None:
+    """Make a calculation made in another campaign's folder readable from ``store``.
+
+    Campaigns sharing a database share calculations (one per structure and level of
+    theory), but each keeps its own object store: a campaign's folder. The results
+    file is copied, checked against its sha256, from the folder of the campaign that
+    computed it (or, failing that, of any campaign in the database). Nothing is
+    copied when ``store`` has it already or the calculation has no results.
+    """
+    relpath, sha = calculation.results_path, calculation.results_sha256
+    if relpath is None or sha is None or store.path(relpath).exists():
+        return
+    computed_by = session.scalar(
+        select(Campaign.workdir)
+        .join(Iteration, Iteration.campaign_id == Campaign.id)
+        .where(Iteration.id == calculation.iteration_id)
+    )
+    everyone = session.scalars(select(Campaign.workdir).order_by(Campaign.id)).all()
+    for workdir in dict.fromkeys(w for w in (computed_by, *everyone) if w):
+        source = ObjectStore(workdir)  # a campaign's folder is its object-store root
+        if source.root != store.root and source.verify(relpath, sha):
+            store.copy_from(source, relpath)
+            if store.verify(relpath, sha):
+                return
+    raise FileNotFoundError(
+        f"the results of calculation {calculation.id} ({relpath}) are in no campaign folder of this database; "
+        f"it is recorded as done, so it will not be computed again"
+    )
+
+
 def labelled_set(
     session: Session, store: ObjectStore, campaign_id: int, settings_hash: str, test: bool
 ) -> list[tuple[Calculation, Atoms]]:
-    """Every usable label of the campaign at one level of theory: the test set (``test=True``)
-    or the training pool (everything else). Unconverged and failed calculations never appear."""
-    origin_clause = Structure.origin == "test" if test else Structure.origin != "test"
+    """Every usable label of the campaign at one level of theory: the test set (``test=True``:
+    members of origin ``test``) or the training pool (every other member the campaign asked
+    to label: MD candidates only once it chose them, see
+    :func:`~ionflow.db.queries.asked_to_label`). A calculation that another campaign sharing
+    the database made counts as the campaign's own; unconverged and failed ones never appear."""
+    origin_clause = CampaignStructure.origin == "test" if test else CampaignStructure.origin != "test"
     rows = session.execute(
         select(Calculation, Structure)
         .join(Structure, Calculation.structure_id == Structure.id)
+        .join(CampaignStructure, CampaignStructure.structure_id == Structure.id)
         .where(
-            Structure.campaign_id == campaign_id,
+            CampaignStructure.campaign_id == campaign_id,
+            asked_to_label(campaign_id),
             Calculation.settings_hash == settings_hash,
             Calculation.status == "ok",
             origin_clause,

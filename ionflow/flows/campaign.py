@@ -16,7 +16,8 @@ from prefect import flow, runtime
 from prefect.artifacts import create_table_artifact
 from sqlalchemy import func, select
 
-from ionflow.db import Calculation, Campaign, Model, Structure, iteration_table, session_scope
+from ionflow.db import Calculation, Campaign, CampaignStructure, Model, iteration_table, session_scope
+from ionflow.db.queries import asked_to_label
 from ionflow.flows import report
 from ionflow.flows.tasks import (
     bootstrap_task,
@@ -48,12 +49,17 @@ class CampaignSummary:
 
 
 def _labels_so_far(config_path: str, campaign_id: int) -> int:
+    """Usable labels of the campaign (computed by it or, for structures it asked to label, by another campaign)."""
     ctx = context(config_path)
     with session_scope(ctx.sessions) as session:
         return session.scalar(
             select(func.count(Calculation.id))
-            .join(Structure, Calculation.structure_id == Structure.id)
-            .where(Structure.campaign_id == campaign_id, Calculation.status == "ok")
+            .join(CampaignStructure, CampaignStructure.structure_id == Calculation.structure_id)
+            .where(
+                CampaignStructure.campaign_id == campaign_id,
+                asked_to_label(campaign_id),
+                Calculation.status == "ok",
+            )
         )
 
 

@@ -7,6 +7,11 @@ idempotent: it reads the iteration's status from the database, does only what
 is missing, and commits its writes in one transaction (labels: one per
 calculation), so a campaign killed at any point resumes where it stopped.
 
+Campaigns may share one database (config ``database_url``): a structure that
+several meet is one row with a membership per campaign, and its calculation is
+made once, by whichever campaign asks first; the others reuse it, with its
+results copied into their own folders.
+
 Iteration statuses: started -> explored -> selected -> labelled -> trained -> done.
 Iteration 0 (bootstrap) labels rattled copies of the starting structure instead
 of exploring.
@@ -23,10 +28,12 @@ from typing import Any
 from ase import Atoms
 from prefect import get_run_logger, task
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ionflow.config import CampaignConfig, load_config
 from ionflow.db import (
+    CampaignStructure,
     Iteration,
     MDRun,
     Model,
@@ -43,6 +50,7 @@ from ionflow.db import (
 )
 from ionflow.db.records import (
     add_structure,
+    adopt_calculation,
     calculation_for,
     is_validation,
     iteration_row,
@@ -252,14 +260,24 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
             return session.scalar(
                 select(func.count()).where(SelectionDecision.iteration_id == it.id, SelectionDecision.chosen.is_(True))
             )
-        rows = session.scalars(select(Structure).where(Structure.iteration_id == it.id, Structure.origin == "md")).all()
+        # this iteration's MD frames: the structures that entered the campaign here as "md"
+        rows = session.execute(
+            select(Structure, CampaignStructure.md_run_id)
+            .join(CampaignStructure, CampaignStructure.structure_id == Structure.id)
+            .where(
+                CampaignStructure.campaign_id == campaign_id,
+                CampaignStructure.iteration_id == it.id,
+                CampaignStructure.origin == "md",
+            )
+        ).all()
+        md_run_of = {row.id: md_run_id for row, md_run_id in rows}
         runs = session.scalars(select(MDRun).where(MDRun.iteration_id == it.id)).all()
         frames = []
         for run in runs:
             if run.trajectory_path:
                 frames.extend(read_structures(ctx.store.path(run.trajectory_path)))
         frame_of = {structure_hash(f): f for f in frames}
-        candidates = [row for row in sorted(rows, key=lambda r: r.id) if row.hash in frame_of]
+        candidates = [row for row, _ in sorted(rows, key=lambda r: r[0].id) if row.hash in frame_of]
         cand_frames = [frame_of[row.hash] for row in candidates]
         settings_hash = ctx.adapter.settings_hash
         known = [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=False)]
@@ -279,7 +297,7 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
                 SelectionDecision(
                     iteration_id=it.id,
                     structure_id=row.id,
-                    md_run_id=row.md_run_id,
+                    md_run_id=md_run_of[row.id],
                     score=d.score,
                     energy_uncertainty=float(frame.info.get("energy_std", 0.0)),
                     threshold=cfg.threshold,
@@ -294,19 +312,34 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
         return chosen
 
 
-def _pending(session: Session, it: Iteration, settings_hash: str) -> list[Structure]:
-    """Structures this iteration must label that have no calculation at this level of theory."""
+def _to_label(session: Session, it: Iteration) -> list[Structure]:
+    """Structures this iteration must have labels for (computed now or already), by id."""
     if it.index == 0:
-        rows = session.scalars(
-            select(Structure).where(Structure.iteration_id == it.id, Structure.origin.in_(("initial", "test")))
-        ).all()
+        query = (
+            select(Structure)
+            .join(CampaignStructure, CampaignStructure.structure_id == Structure.id)
+            .where(
+                CampaignStructure.campaign_id == it.campaign_id,
+                CampaignStructure.iteration_id == it.id,
+                CampaignStructure.origin.in_(("initial", "test")),
+            )
+        )
     else:
-        rows = session.scalars(
+        query = (
             select(Structure)
             .join(SelectionDecision, SelectionDecision.structure_id == Structure.id)
             .where(SelectionDecision.iteration_id == it.id, SelectionDecision.chosen.is_(True))
-        ).all()
-    return [row for row in sorted(rows, key=lambda r: r.id) if calculation_for(session, row.id, settings_hash) is None]
+        )
+    return list(session.scalars(query.order_by(Structure.id)).all())
+
+
+def _adopted(ctx: Context, structure_id: int, settings_hash: str) -> bool:
+    """Whether the structure has a calculation at this level of theory already (then adopted)."""
+    with session_scope(ctx.sessions) as session:
+        done = calculation_for(session, structure_id, settings_hash)
+        if done is not None:
+            adopt_calculation(session, ctx.store, done)
+        return done is not None
 
 
 @task(name="label")
@@ -314,34 +347,62 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
     """Reference calculations of the iteration's chosen structures, each committed as it ends.
 
     A structure that already has a calculation at this level of theory (same settings
-    hash) is never computed again, whatever its status.
+    hash) is never computed again, whatever its status, even when another campaign
+    sharing the database computed it: that calculation is adopted (its results are
+    copied into this campaign's object store).
     """
     ctx = context(config_path)
     adapter = ctx.adapter
+    settings_hash = adapter.settings_hash
     counts: dict[str, int] = {}
     with session_scope(ctx.sessions) as session:
         it = _iteration(session, campaign_id, index)
         if reached(it.status, "labelled"):
             return counts
-        pending = [(row.id, row.path, row.hash) for row in _pending(session, it, adapter.settings_hash)]
         iteration_id = it.id
+        pending = []
+        reused = 0
+        for row in _to_label(session, it):
+            calculation = calculation_for(session, row.id, settings_hash)
+            if calculation is None:
+                pending.append((row.id, row.path, row.hash))
+            else:  # computed before a restart, or by another campaign sharing the database
+                adopt_calculation(session, ctx.store, calculation)
+                reused += 1
     with stage(f"label: {len(pending)} × {adapter.name}", len(pending)) as update:
         for done, (structure_id, path, structure_hash_) in enumerate(pending, 1):
-            run_dir = ctx.folder / "dft" / f"{index:03d}-{structure_hash_[:16]}"
-            result = adapter.label([ctx.store.get_structure(path)], run_dirs=[run_dir])[0]
-            with session_scope(ctx.sessions) as session:
-                structure = session.get(Structure, structure_id)
-                record_calculation(
-                    session, ctx.store, structure, result, adapter.name, ctx.config.reference.settings, iteration_id
-                )
-            counts[result.status] = counts.get(result.status, 0) + 1
-            if not result.ok:
-                get_run_logger().warning("calculation of structure %s: %s (%s)", structure_id, result.status, result.error)
+            # a campaign sharing the database may have computed it since the list was made
+            if _adopted(ctx, structure_id, settings_hash):
+                reused += 1
+            else:
+                run_dir = ctx.folder / "dft" / f"{index:03d}-{structure_hash_[:16]}"
+                result = adapter.label([ctx.store.get_structure(path)], run_dirs=[run_dir])[0]
+                try:
+                    with session_scope(ctx.sessions) as session:
+                        structure = session.get(Structure, structure_id)
+                        record_calculation(
+                            session, ctx.store, structure, result, adapter.name, ctx.config.reference.settings,
+                            iteration_id,
+                        )
+                except IntegrityError:
+                    # ... or recorded it while this one computed: the first calculation stands
+                    if not _adopted(ctx, structure_id, settings_hash):
+                        raise
+                    reused += 1
+                else:
+                    counts[result.status] = counts.get(result.status, 0) + 1
+                    if not result.ok:
+                        get_run_logger().warning(
+                            "calculation of structure %s: %s (%s)", structure_id, result.status, result.error
+                        )
             update(done, len(pending))
     with session_scope(ctx.sessions) as session:
         it = _iteration(session, campaign_id, index)
         it.status = "labelled"
-    get_run_logger().info("iteration %d labelled with %s: %s", index, adapter.name, counts or "nothing new")
+    get_run_logger().info(
+        "iteration %d labelled with %s: %s%s", index, adapter.name, counts or "nothing new",
+        f" ({reused} labels already in the database)" if reused else "",
+    )
     return counts
 
 

@@ -30,6 +30,7 @@ from ionflow.db import (
     Base,
     Calculation,
     Campaign,
+    CampaignStructure,
     Iteration,
     MDRun,
     Model,
@@ -46,6 +47,8 @@ from ionflow.db import (
     sqlite_url,
     upgrade,
 )
+from ionflow.db.records import add_structure, adopt_calculation, labelled_set, record_calculation
+from ionflow.dft_adapters.base import LabelResult
 from ionflow.platform.structures import structure_hash
 
 POSTGRES_URL = os.environ.get("IONFLOW_TEST_POSTGRES_URL")
@@ -53,6 +56,7 @@ TABLES = {
     "campaign",
     "iteration",
     "structure",
+    "campaign_structure",
     "calculation",
     "model",
     "model_training_member",
@@ -98,7 +102,10 @@ def engine(url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _structure(session, store: ObjectStore, atoms: Atoms, **links) -> Structure:
+def _structure(
+    session, store: ObjectStore, atoms: Atoms, campaign: Campaign | None = None, origin: str = "initial", **links
+) -> Structure:
+    """A structure row; with ``campaign``, also its membership (``origin``, ``iteration``, ``md_run``)."""
     row = Structure(
         hash=structure_hash(atoms),
         formula=atoms.get_chemical_formula(),
@@ -106,9 +113,10 @@ def _structure(session, store: ObjectStore, atoms: Atoms, **links) -> Structure:
         charge=int(atoms.info.get("charge", 0)),
         multiplicity=int(atoms.info.get("multiplicity", 1)),
         path=store.put_structure(atoms),
-        **links,
     )
     session.add(row)
+    if campaign is not None:
+        session.add(CampaignStructure(campaign=campaign, structure=row, origin=origin, **links))
     session.flush()
     return row
 
@@ -235,7 +243,7 @@ def test_a_calculation_is_never_repeated(engine: Engine, tmp_path) -> None:
     store = ObjectStore(tmp_path / "objects")
     sessions = session_factory(engine)
     with session_scope(sessions) as session:
-        water = _structure(session, store, molecule("H2O"), origin="initial")
+        water = _structure(session, store, molecule("H2O"))
         first = _calculation(session, water, status="failed")
     with session_scope(sessions) as session:
         found = find_calculation(session, water.hash, "a" * 64)
@@ -397,9 +405,22 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
     m2.training_members = [TrainingMember(calculation=c, split="train") for c in (c1, c2, c3, c6)]
     session.add(m2)
 
-    # another campaign's labels must not leak into this one's counts
+    # another campaign's labels must not leak into this one's counts, nor its MD runs
+    # into this one's lineage, although it sampled s3 as well
     other = _campaign(session, "other")
     _calculation(session, _structure(session, store, molecule("NH3"), origin="initial", campaign=other))
+    other_it = Iteration(campaign=other, index=0, status="done")
+    r_other = MDRun(
+        campaign=other, iteration=other_it, start_structure=s1, walker=0, temperature_K=300.0,
+        timestep_fs=0.5, n_steps_requested=100, n_steps_done=100, stop_reason="done",
+    )
+    session.add(CampaignStructure(campaign=other, structure=s3, iteration=other_it, md_run=r_other, origin="md"))
+    session.add(
+        SelectionDecision(
+            iteration=other_it, structure=s3, md_run=r_other, score=0.05, threshold=0.1, chosen=False,
+            reason="below threshold",
+        )
+    )
     session.flush()
     return {"campaign": campaign.id, "m1": m1.id, "m2": m2.id, "r0": r0.id, "r1": r1.id,
             "s1": s1.id, "s2": s2.id, "s3": s3.id, "s6": s6.id}
@@ -448,3 +469,125 @@ def test_model_lineage_in_few_queries(engine: Engine, tmp_path) -> None:
     assert [r.id for r in first["md_runs"]] == [ids["r0"]]
     with pytest.raises(LookupError), session_scope(sessions) as session:
         model_lineage(session, 10_000)
+
+
+# -- campaigns sharing a database ------------------------------------------------------
+
+
+def _label(atoms: Atoms, energy: float = -10.0) -> LabelResult:
+    forces = np.linspace(-0.5, 0.5, 3 * len(atoms)).reshape(-1, 3)
+    return LabelResult(
+        status="ok", code="tblite", code_version="0.8.0", settings_hash="a" * 64, wall_time_s=1.0,
+        energy=energy, forces=forces,
+    )
+
+
+def test_a_structure_is_a_member_of_two_campaigns_with_different_origins(engine: Engine, tmp_path) -> None:
+    """One structure, one calculation: campaign A trains on it, campaign B tests on it."""
+    water, ammonia = molecule("H2O"), molecule("NH3")
+    sessions = session_factory(engine)
+    stores = {name: ObjectStore(tmp_path / name) for name in ("a", "b")}
+    with session_scope(sessions) as session:
+        a, b = _campaign(session, "a"), _campaign(session, "b")
+        a.workdir, b.workdir = str(stores["a"].root), str(stores["b"].root)
+        a0, b0 = Iteration(campaign=a, index=0), Iteration(campaign=b, index=0)
+        b1 = Iteration(campaign=b, index=1)
+        session.add_all([a0, b0, b1])
+        session.flush()
+        in_a = add_structure(session, stores["a"], water, "initial", a.id, iteration_id=a0.id)
+        record_calculation(session, stores["a"], in_a, _label(water), "tblite", {}, a0.id)
+        add_structure(session, stores["a"], ammonia, "test", a.id, iteration_id=a0.id)
+        # B meets the same water later, in its own iteration, as a test structure
+        in_b = add_structure(session, stores["b"], water, "test", b.id, iteration_id=b1.id)
+        # a second meeting does not change why the structure is in the campaign
+        again = add_structure(session, stores["a"], water, "md", a.id, iteration_id=a0.id)
+        ids = {"a": a.id, "b": b.id, "a0": a0.id, "b1": b1.id}
+
+    assert in_a.id == in_b.id == again.id
+    # B's store holds the structure file too, at the same content address
+    assert stores["b"].get_structure(in_b.path).get_chemical_formula() == "H2O"
+    with session_scope(sessions) as session:
+        assert len(session.scalars(select(Structure)).all()) == 2
+        members = session.scalars(
+            select(CampaignStructure).where(CampaignStructure.structure_id == in_a.id).order_by(CampaignStructure.id)
+        ).all()
+        assert [(m.campaign_id, m.origin, m.iteration_id) for m in members] == [
+            (ids["a"], "initial", ids["a0"]),
+            (ids["b"], "test", ids["b1"]),
+        ]
+        structure = session.get(Structure, in_a.id)
+        assert {m.campaign.name for m in structure.memberships} == {"a", "b"}
+
+        # each campaign sees the one calculation in its own role
+        def hashes(campaign: str, store: str, test: bool) -> list[str]:
+            found = labelled_set(session, stores[store], ids[campaign], "a" * 64, test=test)
+            return [atoms.info["structure_hash"] for _, atoms in found]
+
+        assert hashes("a", "a", test=False) == [in_a.hash]
+        assert hashes("a", "a", test=True) == []  # ammonia is A's test structure, but unlabelled
+        adopt_calculation(session, stores["b"], session.scalar(select(Calculation)))
+        assert hashes("b", "b", test=True) == [in_a.hash]
+        assert hashes("b", "b", test=False) == []
+
+        # B's table counts A's label from the iteration that brought it into B
+        assert [row["n_labels"] for row in iteration_table(session, ids["b"])] == [0, 1]
+        assert [row["n_labels"] for row in iteration_table(session, ids["a"])] == [1]
+        assert [row["n_failed"] for row in iteration_table(session, ids["b"])] == [0, 0]
+
+    # a structure is a member of a campaign at most once
+    with pytest.raises(IntegrityError), session_scope(sessions) as session:
+        session.add(CampaignStructure(campaign_id=ids["a"], structure_id=in_a.id, origin="user"))
+
+
+def test_adopting_a_calculation_copies_and_checks_its_results(engine: Engine, tmp_path) -> None:
+    water = molecule("H2O")
+    sessions = session_factory(engine)
+    home, other, elsewhere = (ObjectStore(tmp_path / name) for name in ("home", "other", "elsewhere"))
+    with session_scope(sessions) as session:
+        computed_by = _campaign(session, "home")
+        computed_by.workdir = str(home.root)
+        it = Iteration(campaign=computed_by, index=0)
+        session.add(it)
+        session.flush()
+        structure = add_structure(session, home, water, "initial", computed_by.id, iteration_id=it.id)
+        calc = record_calculation(session, home, structure, _label(water), "tblite", {}, it.id)
+
+        adopt_calculation(session, other, calc)
+        assert other.verify(calc.results_path, calc.results_sha256)
+        np.testing.assert_array_equal(other.get_arrays(calc.results_path)["forces"], _label(water).forces)
+        adopt_calculation(session, other, calc)  # idempotent
+
+        home.path(calc.results_path).unlink()  # the computing campaign's folder lost it
+        with pytest.raises(FileNotFoundError, match="will not be computed again"):
+            adopt_calculation(session, elsewhere, calc)
+
+
+def test_a_candidate_labelled_elsewhere_is_a_label_once_chosen(engine: Engine, tmp_path) -> None:
+    """An MD frame that campaign A chose and labelled is only a candidate in campaign B,
+    which sampled it too, until B chooses it (and reuses A's calculation)."""
+    frame = molecule("H2O")
+    sessions = session_factory(engine)
+    store = ObjectStore(tmp_path / "objects")
+    with session_scope(sessions) as session:
+        a, b = _campaign(session, "a"), _campaign(session, "b")
+        a1, b0, b1 = Iteration(campaign=a, index=1), Iteration(campaign=b, index=0), Iteration(campaign=b, index=1)
+        session.add_all([a1, b0, b1])
+        session.flush()
+        x = add_structure(session, store, frame, "md", a.id, iteration_id=a1.id)
+        session.add(SelectionDecision(iteration=a1, structure=x, score=0.3, threshold=0.1, chosen=True, reason="up"))
+        record_calculation(session, store, x, _label(frame), "tblite", {}, a1.id)
+        add_structure(session, store, frame, "md", b.id, iteration_id=b1.id)
+        ids = {"a": a.id, "b": b.id, "b1": b1.id}
+
+    def pool(session, campaign: str) -> int:
+        return len(labelled_set(session, store, ids[campaign], "a" * 64, test=False))
+
+    with session_scope(sessions) as session:
+        assert (pool(session, "a"), pool(session, "b")) == (1, 0)
+        assert [row["n_labels"] for row in iteration_table(session, ids["b"])] == [0, 0]
+        session.add(
+            SelectionDecision(iteration_id=ids["b1"], structure_id=x.id, score=0.3, threshold=0.1, chosen=True, reason="up")
+        )
+    with session_scope(sessions) as session:
+        assert pool(session, "b") == 1
+        assert [row["n_labels"] for row in iteration_table(session, ids["b"])] == [0, 1]

@@ -8,11 +8,11 @@ from sqlalchemy import func, select
 from ionflow.db import (
     Calculation,
     Campaign,
+    CampaignStructure,
     Iteration,
     MDRun,
     Model,
     SelectionDecision,
-    Structure,
     TrainingMember,
     make_engine,
     session_factory,
@@ -66,6 +66,9 @@ def test_every_selected_frame_is_labelled_and_trained_on(finished):
             assert calc is not None and calc.status == "ok"
             assert d.score >= d.threshold
             assert d.md_run_id is not None
+            # the frame entered the campaign in the decision's iteration, sampled by the decision's run
+            member = s.scalar(select(CampaignStructure).where(CampaignStructure.structure_id == d.structure_id))
+            assert (member.origin, member.iteration_id, member.md_run_id) == ("md", d.iteration_id, d.md_run_id)
         rejected = count(s, SelectionDecision, SelectionDecision.chosen.is_(False))
         assert rejected > 0  # every candidate has a decision, with a reason
         assert all(d.reason for d in s.scalars(select(SelectionDecision)))
@@ -74,8 +77,13 @@ def test_every_selected_frame_is_labelled_and_trained_on(finished):
         latest = s.scalar(select(Model).order_by(Model.version.desc()))
         members = s.scalars(select(TrainingMember).where(TrainingMember.model_id == latest.id)).all()
         test_ids = set(
-            s.scalars(select(Calculation.id).join(Structure).where(Structure.origin == "test")).all()
+            s.scalars(
+                select(Calculation.id)
+                .join(CampaignStructure, CampaignStructure.structure_id == Calculation.structure_id)
+                .where(CampaignStructure.origin == "test")
+            ).all()
         )
+        assert len(test_ids) == 3
         assert len(members) == 6 + len(chosen)
         assert not {m.calculation_id for m in members} & test_ids  # never train on the test set
         assert {m.split for m in members} == {"train", "valid"}

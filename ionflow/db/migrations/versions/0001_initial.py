@@ -1,4 +1,5 @@
-"""Initial schema: campaign, iteration, structure, calculation, model, training members, MD run, selection decision.
+"""Initial schema: campaign, iteration, structure, calculation, model, training members, MD run,
+campaign membership of structures, selection decision.
 
 Written by hand to match ionflow/db/models.py; tests/db/test_db.py checks with
 alembic's autogenerate comparison that nothing differs. Constraint names follow
@@ -74,8 +75,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("campaign_id", "index", name=op.f("uq_iteration_campaign_id_index")),
     )
 
-    # structure.md_run_id -> md_run is added below, once md_run exists
-    # (md_run.start_structure_id -> structure closes a cycle)
     op.create_table(
         "structure",
         _id(),
@@ -85,22 +84,10 @@ def upgrade() -> None:
         sa.Column("charge", sa.Integer(), nullable=False),
         sa.Column("multiplicity", sa.Integer(), nullable=False),
         sa.Column("path", sa.String(), nullable=False),
-        sa.Column("origin", sa.String(), nullable=False),
-        sa.Column("campaign_id", sa.Integer(), nullable=True),
-        sa.Column("iteration_id", sa.Integer(), nullable=True),
-        sa.Column("md_run_id", sa.Integer(), nullable=True),
         _created_at(),
-        sa.ForeignKeyConstraint(
-            ["campaign_id"], ["campaign.id"], name=op.f("fk_structure_campaign_id_campaign")
-        ),
-        sa.ForeignKeyConstraint(
-            ["iteration_id"], ["iteration.id"], name=op.f("fk_structure_iteration_id_iteration")
-        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_structure")),
         sa.UniqueConstraint("hash", name=op.f("uq_structure_hash")),
     )
-    for column in ("campaign_id", "iteration_id", "md_run_id"):
-        _index("structure", column)
 
     op.create_table(
         "calculation",
@@ -206,10 +193,34 @@ def upgrade() -> None:
     for column in ("campaign_id", "iteration_id", "model_id", "start_structure_id"):
         _index("md_run", column)
 
-    # batch mode: SQLite cannot ALTER TABLE ... ADD CONSTRAINT, so alembic copies
-    # the (still empty) table; PostgreSQL gets a plain ALTER TABLE
-    with op.batch_alter_table("structure") as batch:
-        batch.create_foreign_key(op.f("fk_structure_md_run_id_md_run"), "md_run", ["md_run_id"], ["id"])
+    op.create_table(
+        "campaign_structure",
+        _id(),
+        sa.Column("campaign_id", sa.Integer(), nullable=False),
+        sa.Column("structure_id", sa.Integer(), nullable=False),
+        sa.Column("iteration_id", sa.Integer(), nullable=True),
+        sa.Column("md_run_id", sa.Integer(), nullable=True),
+        sa.Column("origin", sa.String(), nullable=False),
+        _created_at(),
+        sa.ForeignKeyConstraint(
+            ["campaign_id"], ["campaign.id"], name=op.f("fk_campaign_structure_campaign_id_campaign")
+        ),
+        sa.ForeignKeyConstraint(
+            ["iteration_id"], ["iteration.id"], name=op.f("fk_campaign_structure_iteration_id_iteration")
+        ),
+        sa.ForeignKeyConstraint(
+            ["md_run_id"], ["md_run.id"], name=op.f("fk_campaign_structure_md_run_id_md_run")
+        ),
+        sa.ForeignKeyConstraint(
+            ["structure_id"], ["structure.id"], name=op.f("fk_campaign_structure_structure_id_structure")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_campaign_structure")),
+        sa.UniqueConstraint(
+            "campaign_id", "structure_id", name=op.f("uq_campaign_structure_campaign_id_structure_id")
+        ),
+    )
+    for column in ("structure_id", "iteration_id", "md_run_id"):
+        _index("campaign_structure", column)
 
     op.create_table(
         "selection_decision",
@@ -242,9 +253,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("selection_decision")
-    # break the structure <-> md_run cycle before dropping either table
-    with op.batch_alter_table("structure") as batch:
-        batch.drop_constraint(op.f("fk_structure_md_run_id_md_run"), type_="foreignkey")
-    for table in ("md_run", "model_training_member", "model", "calculation", "structure", "iteration", "campaign"):
+    # dependants first: every foreign key points at a table dropped later
+    for table in (
+        "selection_decision",
+        "campaign_structure",
+        "md_run",
+        "model_training_member",
+        "model",
+        "calculation",
+        "structure",
+        "iteration",
+        "campaign",
+    ):
         op.drop_table(table)
