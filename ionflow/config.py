@@ -152,6 +152,13 @@ class ModelConfig(Strict):
     num_bessel: int = Field(8, ge=2, le=16, description="Radial Bessel functions.")
     num_polynomial_cutoff: int = Field(5, ge=2, le=10, description="Order of the smooth cutoff envelope.")
     dtype: Literal["float32", "float64"] = Field("float64", description="Floating point precision.")
+    electrostatics: Literal["none", "latent", "equilibrated", "polarisable"] = Field(
+        "none",
+        description="Long-range head: none (local only), latent (uniform charge shift), equilibrated "
+        "(Fukui equilibration per spin channel) or polarisable (charges see their potential).",
+    )
+    charge_width: float = Field(1.0, gt=0.1, le=5.0, description="Width σ (Å) of each atom's Gaussian charge.")
+    polarisation_steps: int = Field(2, ge=1, le=3, description="Fixed polarisation updates (polarisable only).")
 
     @field_validator("hidden_irreps", "mlp_irreps")
     @classmethod

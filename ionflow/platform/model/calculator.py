@@ -16,12 +16,15 @@ from ionflow.platform.model.graph import build_batch
 class CommitteeCalculator(Calculator):
     """Energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt, periodic only) of the committee mean.
 
-    Extra results: ``energy_uncertainty`` (eV, members' standard deviation) and
+    Also ``charges`` (n_atoms,) e and, for finite systems, ``dipole`` (3,) e·Å about the
+    centre of mass. Extra results: ``energy_uncertainty`` (eV, members' standard deviation) and
     ``forces_uncertainty`` (n_atoms,) eV/Å, per-atom spread of the members' forces.
     Total charge and multiplicity are read from ``atoms.info``.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energy_uncertainty", "forces_uncertainty"]
+    implemented_properties = [
+        "energy", "free_energy", "forces", "stress", "charges", "dipole", "energy_uncertainty", "forces_uncertainty",
+    ]
 
     def __init__(self, committee: Committee, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -39,7 +42,10 @@ class CommitteeCalculator(Calculator):
             "forces": pred["forces"].numpy().astype(float),
             "energy_uncertainty": float(pred["energy_std"][0]),
             "forces_uncertainty": pred["force_std"].numpy().astype(float),
+            "charges": pred["charges"].numpy().astype(float),
         }
+        if not periodic:
+            self.results["dipole"] = pred["dipole"][0].numpy().astype(float)
         if periodic:
             s = pred["stress"][0].numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

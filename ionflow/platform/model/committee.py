@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ionflow.platform.model._mace import ScaleShiftMACE, interaction_classes  # before e3nn
+from ionflow.platform.model.network import Member
 
 from e3nn import o3  # noqa: E402, I001
 
@@ -49,8 +50,8 @@ class ModelSpec:
         return torch.float64 if self.hyper.get("dtype", "float64") == "float64" else torch.float32
 
 
-def build_member(spec: ModelSpec, seed: int) -> ScaleShiftMACE:
-    """One MACE network of the committee, initialised from ``seed``."""
+def build_member(spec: ModelSpec, seed: int) -> Member:
+    """One member of the committee (MACE backbone + electrostatic head), initialised from ``seed``."""
     h = spec.hyper
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -72,8 +73,8 @@ def build_member(spec: ModelSpec, seed: int) -> ScaleShiftMACE:
             gate=torch.nn.functional.silu,
             atomic_inter_scale=float(spec.scale),
             atomic_inter_shift=float(spec.shift),
-        )
-    return model.to(spec.dtype)
+        ).to(spec.dtype)
+        return Member(model, h, list(spec.z_table))
 
 
 class Committee(torch.nn.Module):
@@ -104,25 +105,18 @@ class Committee(torch.nn.Module):
     def forward(
         self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
     ) -> dict[str, torch.Tensor]:
-        energies, forces, stresses = [], [], []
-        for member in self.members:
-            # Each member gets its own dict: MACE replaces positions/shifts when it computes stress.
-            out = member(dict(batch), training=training, compute_force=True, compute_stress=compute_stress)
-            energies.append(out["energy"])  # [g]
-            forces.append(out["forces"])  # [n, 3]
-            if compute_stress:
-                stresses.append(out["stress"])  # [g, 3, 3]
-        result = {"energy": torch.stack(energies), "forces": torch.stack(forces)}
-        if compute_stress:
-            result["stress"] = torch.stack(stresses)
-        return result
+        """Every member's outputs stacked on a leading axis of size K: energy (K, g), forces
+        (K, n, 3), charges (K, n), dipole (K, g, 3), energy_coulomb (K, g), stress (K, g, 3, 3)."""
+        outputs = [member(batch, training=training, compute_stress=compute_stress) for member in self.members]
+        return {key: torch.stack([o[key] for o in outputs]) for key in outputs[0]}
 
     def predict(self, batch: dict[str, torch.Tensor], compute_stress: bool = False) -> dict[str, torch.Tensor]:
         """Committee mean and spread, detached.
 
         energy (g,) eV; forces (n, 3) eV/Å; energy_std (g,) eV, the members' standard
         deviation; force_std (n,) eV/Å, per atom sqrt(mean_k |F_k - F_mean|^2);
-        energies (K, g) and forces_members (K, n, 3) for the record.
+        energies (K, g) and forces_members (K, n, 3) for the record; charges (n,) e and
+        dipole (g, 3) e·Å, the members' means.
         """
         out = self.forward(batch, training=False, compute_stress=compute_stress)
         e, f = out["energy"].detach(), out["forces"].detach()
@@ -134,6 +128,8 @@ class Committee(torch.nn.Module):
             "force_std": ((f - f_mean) ** 2).sum(-1).mean(0).sqrt(),
             "energies": e,
             "forces_members": f,
+            "charges": out["charges"].detach().mean(0),
+            "dipole": out["dipole"].detach().mean(0),
         }
         if compute_stress:
             result["stress"] = out["stress"].detach().mean(0)

@@ -14,7 +14,7 @@ import torch
 from ionflow.platform.model.committee import Committee, ModelSpec
 
 FORMAT = "ionflow-committee"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: members carry an electrostatic head
 
 
 def save_model(committee: Committee, path: str | Path) -> Path:

@@ -1,0 +1,156 @@
+"""One committee member: MACE backbone + charges + Coulomb, energy-conserving.
+
+    E = E_local(MACE features, Q, M) + E_coulomb(q, r) − μ·𝓔 (finite systems in a field)
+
+Design points (``hyper["electrostatics"]``):
+  none          E_local only (the local energy still sees Q and M);
+  latent        charges from features, shifted uniformly to sum to Q;
+  equilibrated  Fukui-weighted equilibration per spin channel (exact Q and M);
+  polarisable   ``polarisation_steps`` fixed updates: each atom's electrostatic
+                potential V_i = ∂E_coulomb/∂q_i enters a small network that updates the
+                raw charges and Fukui weights, then re-equilibrate.
+Charges are Gaussian clouds of width ``charge_width`` (Å). Forces and stress are
+autograd derivatives of the total energy (MACE's ``get_outputs``), through the charge
+prediction, the equilibration and every polarisation step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ase.data import atomic_masses
+
+from ionflow.platform.model._mace import ScaleShiftMACE  # before e3nn
+from ionflow.platform.model.charges import dipole, equilibrate_spin
+from ionflow.platform.model.electrostatics import coulomb_energy
+
+from mace.modules.utils import get_outputs  # noqa: E402, I001
+
+ELECTROSTATICS = ("none", "latent", "equilibrated", "polarisable")
+
+
+def _mlp(n_in: int, hidden: int, n_out: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, n_out))
+
+
+def scalar_feature_index(backbone: ScaleShiftMACE) -> torch.Tensor:
+    """Columns of MACE's concatenated node features that are invariant scalars (0e)."""
+    index, offset = [], 0
+    for product in backbone.products:
+        for mul, ir in product.linear.irreps_out:
+            width = mul * ir.dim
+            if ir.l == 0 and ir.p == 1:
+                index.extend(range(offset, offset + width))
+            offset += width
+    return torch.tensor(index, dtype=torch.long)
+
+
+def _per_structure(values: torch.Tensor, batch: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, batch, values)
+
+
+class Member(torch.nn.Module):
+    """MACE backbone with an electrostatic head (see the module docstring)."""
+
+    def __init__(self, backbone: ScaleShiftMACE, hyper: dict[str, Any], z_table: list[int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.mode = str(hyper.get("electrostatics", "none"))
+        if self.mode not in ELECTROSTATICS:
+            raise ValueError(f"electrostatics must be one of {ELECTROSTATICS}, got {self.mode!r}")
+        self.charge_width = float(hyper.get("charge_width", 1.0))
+        self.steps = int(hyper.get("polarisation_steps", 2)) if self.mode == "polarisable" else 0
+        dtype = next(backbone.parameters()).dtype
+        self.register_buffer("scalars", scalar_feature_index(backbone), persistent=False)
+        self.register_buffer("masses", torch.tensor([atomic_masses[z] for z in z_table], dtype=dtype), persistent=False)
+        # heads read the invariant features and the element: an atom with no neighbours has
+        # zero MACE features whatever its element, yet Na and Cl must not get the same charge
+        n_s = int(self.scalars.numel()) + len(z_table)
+        hidden = 16
+        # node energy from the features and the structure's charge state: E depends on Q and M
+        self.state = _mlp(n_s + 2, hidden, 1).to(dtype)
+        torch.nn.init.zeros_(self.state[-1].weight)
+        torch.nn.init.zeros_(self.state[-1].bias)
+        if self.mode != "none":
+            self.charge_head = _mlp(n_s, hidden, 4).to(dtype)  # q⁰_α, q⁰_β, f_α, f_β
+        if self.steps:
+            self.update_head = _mlp(n_s + 1, hidden, 4).to(dtype)  # ... and the potential V_i
+
+    def _coulomb(
+        self, positions: torch.Tensor, q: torch.Tensor, cells: torch.Tensor, periodic: list[bool], ptr: torch.Tensor
+    ) -> torch.Tensor:
+        energies = []
+        for g, is_periodic in enumerate(periodic):
+            lo, hi = int(ptr[g]), int(ptr[g + 1])
+            energies.append(
+                coulomb_energy(
+                    positions[lo:hi], q[lo:hi], cells[g] if is_periodic else None, pbc=is_periodic, sigma=self.charge_width
+                )
+            )
+        return torch.stack(energies)  # [g] eV
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
+    ) -> dict[str, torch.Tensor]:
+        data = dict(batch)
+        out = self.backbone(data, training=training, compute_force=False, compute_displacement=compute_stress)
+        n_graphs = int(batch["ptr"].numel() - 1)
+        index = batch["batch"]
+        features = torch.cat([out["node_feats"][:, self.scalars], batch["node_attrs"]], dim=-1)  # [n, n_s] invariant
+        charge = batch["total_charge"].to(features.dtype)  # [g] e
+        multiplicity = batch["multiplicity"].to(features.dtype)  # [g]
+        state = torch.cat([features, charge[index, None], (multiplicity - 1)[index, None]], dim=-1)
+        energy = out["energy"] + _per_structure(self.state(state)[:, 0], index, n_graphs)  # [g] eV
+
+        positions = data["positions"]  # displaced by the strain when stress is asked for
+        cells = batch["cell"].view(-1, 3, 3)
+        if compute_stress:
+            strain = 0.5 * (out["displacement"] + out["displacement"].transpose(-1, -2))
+            cells = cells + cells @ strain
+        periodic = [bool(torch.any(c != 0)) for c in batch["cell"].view(-1, 3, 3)]
+        n_atoms = positions.shape[0]
+        charges = torch.zeros(n_atoms, dtype=energy.dtype, device=energy.device)
+        spins = torch.zeros_like(charges)
+        e_coulomb = torch.zeros_like(energy)
+        if self.mode != "none":
+            head = self.charge_head(features)  # [n, 4]
+            raw, weights = head[:, :2], head[:, 2:]
+            fukui = None if self.mode == "latent" else weights
+            charges, spins = equilibrate_spin(raw, fukui, index, charge, multiplicity)
+            for _ in range(self.steps):
+                e_c = self._coulomb(positions, charges, cells, periodic, batch["ptr"])
+                # V_i = ∂E/∂q_i (eV/e): kept in the graph so forces stay exact derivatives
+                potential = torch.autograd.grad(e_c.sum(), charges, create_graph=True)[0]
+                update = self.update_head(torch.cat([features, potential[:, None]], dim=-1))
+                raw, weights = raw + update[:, :2], weights + update[:, 2:]
+                charges, spins = equilibrate_spin(raw, weights, index, charge, multiplicity)
+            e_coulomb = self._coulomb(positions, charges, cells, periodic, batch["ptr"])
+            energy = energy + e_coulomb
+        masses = batch["node_attrs"].to(self.masses.dtype) @ self.masses  # [n] amu
+        mu = dipole(charges, positions, masses, index, n_graphs)  # [g, 3] e·Å
+        mu = mu * torch.tensor([0.0 if p else 1.0 for p in periodic], dtype=mu.dtype, device=mu.device)[:, None]
+        if "field" in batch:  # uniform field (V/Å), finite systems only
+            energy = energy - (mu * batch["field"].to(mu.dtype)).sum(-1)
+
+        forces, _, stress, _, _ = get_outputs(
+            energy=energy,
+            positions=batch["positions"],
+            cell=batch["cell"],
+            displacement=out["displacement"] if compute_stress else None,
+            training=training,
+            compute_force=True,
+            compute_virials=False,
+            compute_stress=compute_stress,
+        )
+        result = {
+            "energy": energy,  # [g] eV
+            "forces": forces,  # [n, 3] eV/Å
+            "charges": charges,  # [n] e
+            "spins": spins,  # [n] α − β populations
+            "dipole": mu,  # [g, 3] e·Å about the centre of mass (0 for periodic structures)
+            "energy_coulomb": e_coulomb,  # [g] eV
+        }
+        if compute_stress:
+            result["stress"] = stress  # [g, 3, 3] eV/Å^3
+        return result

@@ -1,0 +1,147 @@
+"""The electrostatic members: exact charge and spin totals, conservative forces, symmetry,
+the long-range tail a local model cannot have, stress and the field term."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from ionflow.config import ModelConfig
+from ionflow.platform.model import Committee, ModelSpec, build_batch
+from ionflow.platform.model.electrostatics import COULOMB_CONSTANT
+
+MODES = ["none", "latent", "equilibrated", "polarisable"]
+
+
+def committee(mode: str, dtype: str = "float64", z_table=(1, 8, 11, 17), r_max=4.0) -> Committee:
+    hyper = ModelConfig(
+        electrostatics=mode, committee_size=2, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", num_interactions=1,
+        dtype=dtype, r_max=r_max,
+    ).model_dump()
+    spec = ModelSpec(hyper=hyper, z_table=list(z_table), atomic_energies=[-1.0] * len(z_table), scale=2.0)
+    torch.manual_seed(0)
+    c = Committee(spec)
+    with torch.no_grad():  # random, clearly non-zero heads: a test of the plumbing, not of training
+        for p in c.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return c
+
+
+def hydroxide(charge=-1, multiplicity=1, shift=(0.0, 0.0, 0.0)) -> Atoms:
+    atoms = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    atoms.positions += shift
+    atoms.info.update(charge=charge, multiplicity=multiplicity)
+    return atoms
+
+
+def water_cation() -> Atoms:
+    atoms = molecule("H2O")
+    atoms.info.update(charge=1, multiplicity=2)
+    return atoms
+
+
+def energy_and_forces(c: Committee, frames, stress=False):
+    return c.forward(build_batch(frames, c.z_table, c.r_max, dtype=c.spec.dtype), compute_stress=stress)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_charges_and_spins_add_up_exactly(mode, dtype):
+    c = committee(mode, dtype)
+    frames = [hydroxide(-1, 1), water_cation(), hydroxide(0, 2)]
+    out = energy_and_forces(c, frames)
+    batch = build_batch(frames, c.z_table, c.r_max)["batch"]
+    for k in range(2):
+        q = torch.zeros(3, dtype=torch.float64).index_add_(0, batch, out["charges"][k].double())
+        s = torch.zeros(3, dtype=torch.float64).index_add_(0, batch, out["spins"][k].double())
+        assert torch.allclose(q, torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64), atol=1e-6)
+        assert torch.allclose(s, torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forces_are_minus_the_finite_difference_gradient(mode):
+    c = committee(mode)
+    atoms = water_cation()
+    forces = energy_and_forces(c, [atoms])["forces"].detach().numpy()
+    h = 1e-5
+    for atom, axis in [(0, 0), (1, 2), (2, 1)]:
+        e = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions[atom, axis] += sign * h
+            e.append(energy_and_forces(c, [moved])["energy"][:, 0].detach().numpy())
+        fd = -(e[0] - e[1]) / (2 * h)  # per member
+        assert np.allclose(forces[:, atom, axis], fd, atol=1e-6), (mode, atom, axis)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_energy_invariant_under_rotation_translation_permutation(mode):
+    c = committee(mode)
+    atoms = water_cation()
+    e0 = energy_and_forces(c, [atoms])["energy"].detach()
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ q.T + np.array([1.0, -2.0, 0.5])
+    permuted = atoms[[0, 2, 1]]
+    for other in (moved, permuted):
+        assert torch.allclose(energy_and_forces(c, [other])["energy"].detach(), e0, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ions_far_beyond_the_cutoff_interact_as_charges(mode):
+    # Na and Cl 12 and 24 Å apart, far beyond the 4 Å cutoff: only the Coulomb term can tell.
+    c = committee(mode)
+    frames = []
+    for r in (12.0, 24.0):
+        atoms = Atoms("NaCl", positions=[[0, 0, 0], [r, 0, 0]])
+        atoms.info.update(charge=0, multiplicity=1)
+        frames.append(atoms)
+    out = energy_and_forces(c, frames)
+    de = (out["energy"][:, 0] - out["energy"][:, 1]).detach()
+    if mode == "none":
+        assert torch.allclose(de, torch.zeros_like(de), atol=1e-10)
+        return
+    near, far = out["charges"][:, :2].detach(), out["charges"][:, 2:].detach()
+    assert torch.all(near[:, 0].abs() > 1e-3)
+    if mode != "polarisable":  # same local environments: the same charges at both separations
+        assert torch.allclose(near, far, atol=1e-10)
+    else:  # polarised by the other ion's potential, which falls off with distance
+        assert not torch.allclose(near, far, atol=1e-6)
+    # the local energy does not depend on the separation: all of it is k q_a q_b / r (erf(r/2σ) = 1 here)
+    expected = COULOMB_CONSTANT * (near[:, 0] * near[:, 1] / 12.0 - far[:, 0] * far[:, 1] / 24.0)
+    assert torch.allclose(de, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["equilibrated", "polarisable"])
+def test_periodic_stress_is_the_strain_derivative(mode):
+    c = committee(mode, r_max=3.5)
+    rng = np.random.default_rng(2)
+    atoms = Atoms("NaClNaCl", positions=rng.random((4, 3)) * 4.5, cell=np.diag([5.0, 5.5, 6.0]) + 0.3, pbc=True)
+    atoms.info.update(charge=0, multiplicity=1)
+    stress = energy_and_forces(c, [atoms], stress=True)["stress"][:, 0].detach().numpy()  # [K, 3, 3]
+    h = 1e-5
+    volume = atoms.get_volume()
+    for i, j in [(0, 0), (1, 2), (2, 2)]:
+        e = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[i, j] += sign * h / 2
+            strain[j, i] += sign * h / 2
+            strained = atoms.copy()
+            strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+            e.append(energy_and_forces(c, [strained])["energy"][:, 0].detach().numpy())
+        assert np.allclose(stress[:, i, j], (e[0] - e[1]) / (2 * h) / volume, atol=1e-6)
+
+
+def test_uniform_field_adds_minus_dipole_dot_field():
+    c = committee("equilibrated")
+    atoms = water_cation()
+    batch = build_batch([atoms], c.z_table, c.r_max)
+    plain = c.forward(batch)
+    field = torch.tensor([[0.0, 0.2, -0.1]], dtype=torch.float64)
+    in_field = c.forward({**build_batch([atoms], c.z_table, c.r_max), "field": field})
+    expected = plain["energy"] - (plain["dipole"] * field).sum(-1)
+    assert torch.allclose(in_field["energy"], expected.detach(), atol=1e-10)
