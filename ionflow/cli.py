@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -160,6 +161,99 @@ def status(
         campaign = campaigns[0]
         rows = iteration_table(session, campaign.id)
         console.print(render(rows, f"{campaign.name} ({campaign.status}) — {campaign.workdir}"))
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Labelled structures (extxyz): REF_energy/REF_forces or plain energy/forces."),
+    output: Path = typer.Option(..., "--output", "-o", help="Model file to write (.pt)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML with 'model:' and 'training:' sections."),
+    electrostatics: str | None = typer.Option(None, help="Long-range head: none, latent, equilibrated, polarisable."),
+    committee_size: int | None = typer.Option(None, help="Number of committee members."),
+    epochs: int | None = typer.Option(None, help="Training epochs."),
+    valid_fraction: float | None = typer.Option(None, help="Share of frames held out for validation."),
+    seed: int = typer.Option(0, help="Seed of the split and the initial weights."),
+) -> None:
+    """Train a committee on a labelled dataset, outside any campaign.
+
+    Each frame's total charge and multiplicity come from its info (charge, multiplicity; defaults 0 and 1).
+    REF_charges and REF_dipole labels are fitted by models with electrostatics.
+    """
+    from ionflow.config import ConfigError, load_train_config
+
+    overrides = {
+        "model": {k: v for k, v in {"electrostatics": electrostatics, "committee_size": committee_size}.items() if v is not None},
+        "training": {k: v for k, v in {"epochs": epochs, "valid_fraction": valid_fraction}.items() if v is not None},
+    }
+    try:
+        model_cfg, training_cfg = load_train_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not data.is_file():
+        _fail(f"{data}: no such data file")
+
+    from ionflow.platform.structures import read_structures, with_reference_labels
+
+    try:
+        frames = [with_reference_labels(a) for a in read_structures(data)]
+    except Exception as exc:  # ASE raises many types for unreadable files
+        _fail(f"{data}: cannot read structures: {exc}")
+
+    from ionflow.platform.training import dataset_problem, fit_dataset
+
+    problem = dataset_problem(frames)
+    if problem:
+        _fail(f"{data}: {problem}")
+
+    from rich.console import Console
+
+    from ionflow.platform.model import save_model
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out = Console(highlight=False)
+    labelled = any("REF_dipole" in a.info or "REF_charges" in a.arrays for a in frames)
+    if labelled and model_cfg.electrostatics == "none":
+        err.print("note: the data has REF_dipole/REF_charges labels; a model with --electrostatics fits them")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(
+            f"training {model_cfg.committee_size} members ({model_cfg.electrostatics}) on {len(frames)} frames",
+            total=training_cfg.epochs,
+        )
+        committee, report, metrics = fit_dataset(
+            frames, model_cfg, training_cfg, seed=seed, progress=lambda done, total: bar.update(task, completed=done)
+        )
+    save_model(committee, output)
+    out.print(_metrics_table(metrics))
+    out.print(f"[bold green]saved[/] {output}  (best epoch {report.best_epoch + 1}/{report.epochs}, "
+              f"{report.wall_time_s:.1f} s)")
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _metrics_table(metrics: dict):
+    """Validation errors as a small rich table."""
+    from rich.table import Table
+
+    if not metrics.get("n"):
+        table = Table(title="validation: no frames held out")
+        table.add_column("")
+        return table
+    table = Table(title=f"validation errors ({metrics['n']} frames)")
+    table.add_column("quantity")
+    table.add_column("RMSE", justify="right")
+    table.add_column("MAE", justify="right")
+    table.add_row("energy (meV/atom)", f"{1000 * metrics['energy_rmse']:.2f}", f"{1000 * metrics['energy_mae']:.2f}")
+    table.add_row("forces (eV/Å)", f"{metrics['forces_rmse']:.4f}", f"{metrics['forces_mae']:.4f}")
+    if "charges_rmse" in metrics:
+        table.add_row("charges (e)", f"{metrics['charges_rmse']:.4f}", f"{metrics['charges_mae']:.4f}")
+    if "dipole_rmse" in metrics:
+        table.add_row("dipole (e·Å)", f"{metrics['dipole_rmse']:.4f}", f"{metrics['dipole_mae']:.4f}")
+    return table
 
 
 def main() -> None:

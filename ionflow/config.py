@@ -182,6 +182,19 @@ class TrainingConfig(Strict):
     batch_size: int = Field(32, ge=1, description="Structures per optimiser step.")
     energy_weight: float = Field(1.0, ge=0, description="Weight of the per-atom energy error (eV/atom)^2.")
     forces_weight: float = Field(1.0, ge=0, description="Weight of the force error (eV/Å)^2.")
+    charges_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the atomic charge error e^2 over atoms with REF_charges. Off by default: "
+        "atomic charges are a partition (Mulliken, Löwdin, Hirshfeld, ...) that differs between schemes "
+        "and codes, unlike energies, forces and dipoles; fitting one ties the model to that scheme.",
+    )
+    dipole_weight: float = Field(
+        10.0,
+        ge=0,
+        description="Weight of the dipole error (e·Å)^2 per Cartesian component over finite structures with "
+        "REF_dipole. Ignored with electrostatics: none, whose model predicts no charges.",
+    )
     valid_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of labels kept out for validation.")
 
     @model_validator(mode="after")
@@ -288,6 +301,13 @@ class CampaignConfig(Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+class TrainFile(Strict):
+    """A model file for ``ionflow train``: the ``model:`` and ``training:`` sections of a campaign."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+
 class ConfigError(ValueError):
     """A campaign file that cannot be used; the message names the file and the field."""
 
@@ -329,3 +349,34 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ca
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_first_errors(exc)}") from None
 
+
+
+def load_train_config(
+    path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None
+) -> tuple[ModelConfig, TrainingConfig]:
+    """Read and validate the ``model:``/``training:`` YAML of ``ionflow train`` (defaults without a file).
+
+    ``overrides`` (``{"model": {...}, "training": {...}}``, e.g. from command-line options) replace
+    the file's values before validation. Raises :class:`ConfigError` naming the file and field.
+    """
+    name = str(path) if path is not None else "options"
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such model config file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with 'model:' and 'training:' sections")
+    for section, values in (overrides or {}).items():
+        if values:
+            current = raw.get(section)
+            raw[section] = {**(current if isinstance(current, dict) else {}), **values}
+    try:
+        cfg = TrainFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{name}: {_first_errors(exc)}") from None
+    return cfg.model, cfg.training

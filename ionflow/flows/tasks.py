@@ -440,6 +440,8 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
                 batch_size=cfg.training.batch_size,
                 energy_weight=cfg.training.energy_weight,
                 forces_weight=cfg.training.forces_weight,
+                charges_weight=cfg.training.charges_weight,
+                dipole_weight=cfg.training.dipole_weight,
                 seed=cfg.seed + index,
                 parent=parent_committee,
                 progress=update,

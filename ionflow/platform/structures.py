@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.data import chemical_symbols, covalent_radii
+from ase.data import atomic_masses, chemical_symbols, covalent_radii
 from ase.io import read, write
 
 #: Positions are rounded to this many decimals (Å) before hashing, so that the
@@ -140,6 +140,62 @@ def labelled_copy(atoms: Atoms, energy: float, forces: np.ndarray, **extra: np.n
         else:
             out.info[REF_PREFIX + key] = value
     return out
+
+
+#: Results of an attached ASE calculator (e.g. the ``SinglePointCalculator`` that ASE's extxyz
+#: reader builds from plain ``energy``/``forces`` keys) that :func:`with_reference_labels` keeps.
+CALCULATOR_LABELS = ("energy", "forces", "dipole", "charges", "stress")
+
+
+def with_reference_labels(atoms: Atoms) -> Atoms:
+    """Copy of ``atoms`` whose labels are ``REF_*`` keys, also when they came from a calculator.
+
+    ASE reads plain ``energy``/``forces``/``dipole``/``charges``/``stress`` of an extxyz file
+    into a ``SinglePointCalculator``, not into ``info``/``arrays``; those results become
+    ``REF_energy`` (eV), ``REF_forces`` (eV/Å), ``REF_dipole`` (e·Å, about the frame's origin),
+    ``REF_charges`` (e) and ``REF_stress``. ``REF_*`` keys already present win. The copy has no
+    calculator.
+    """
+    out = atoms.copy()
+    out.calc = None
+    results = dict(getattr(atoms.calc, "results", None) or {})
+    for key in CALCULATOR_LABELS:
+        value = results.get(key)
+        ref = REF_PREFIX + key
+        if value is None or ref in out.info or ref in out.arrays:
+            continue
+        value = np.asarray(value, dtype=float)
+        if key in ("forces", "charges"):
+            out.arrays[ref] = value.reshape(len(atoms), *value.shape[1:])
+        elif key == "energy":
+            out.info[ref] = float(value)
+        else:
+            out.info[ref] = value
+    return out
+
+
+def centre_of_mass(atoms: Atoms) -> np.ndarray:
+    """Centre of mass (3,) in Å with the standard masses of ``ase.data.atomic_masses``.
+
+    The model uses the same table (custom ``atoms.set_masses`` values are ignored by both),
+    so reference and predicted dipoles refer to the same point.
+    """
+    masses = atomic_masses[np.asarray(atoms.numbers, dtype=int)]
+    return masses @ np.asarray(atoms.positions, dtype=float) / masses.sum()
+
+
+def dipole_about_centre_of_mass(atoms: Atoms, dipole: np.ndarray) -> np.ndarray:
+    """Move a dipole (3,) e·Å taken about the frame's origin to the centre of mass.
+
+    The reference adapters (PySCF, tblite) report dipoles about (0, 0, 0) of the structure's
+    frame; the model predicts them about the centre of mass. With total charge Q,
+
+        mu_com = mu_origin - Q * r_com ,
+
+    which is translation invariant. For neutral structures nothing changes. This is the one
+    place where the two conventions meet.
+    """
+    return np.asarray(dipole, dtype=float).reshape(3) - charge_of(atoms) * centre_of_mass(atoms)
 
 
 def write_extxyz(path: str | Path, frames: Sequence[Atoms]) -> Path:

@@ -1,12 +1,18 @@
 """Fit a committee to reference labels, and measure its errors.
 
 Labels are read from ``REF_energy`` (eV, ``info``) and ``REF_forces`` (eV/Å,
-``arrays``), the keys ionflow writes in its extxyz datasets. The loss is
+``arrays``), the keys ionflow writes in its extxyz datasets, and where present
+``REF_charges`` (e per atom, ``arrays``) and ``REF_dipole`` (e·Å, ``info``, about the
+frame's origin as the adapters write it; moved to the centre of mass here). The loss is
 
     L = w_E * mean_g ((E_pred - E_ref) / N_g)^2 + w_F * mean_i |F_pred - F_ref|^2
+      + w_q * mean_{i labelled} (q_pred - q_ref)^2
+      + w_mu * mean_{g labelled, finite} |mu_pred - mu_ref|^2 / N_g
 
 summed over the committee's members, which share nothing but the data: the sum
-of independent losses trains each member as if it were alone.
+of independent losses trains each member as if it were alone. The charge and
+dipole terms apply only to models with an electrostatic head, and only to the
+frames that carry those labels (dipoles only for non-periodic frames).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,7 +30,16 @@ from ase import Atoms
 
 from ionflow.platform.model.committee import Committee, ModelSpec
 from ionflow.platform.model.graph import build_batch
-from ionflow.platform.structures import REF_PREFIX
+from ionflow.platform.structures import (
+    REF_PREFIX,
+    charge_of,
+    charge_state_problem,
+    dipole_about_centre_of_mass,
+    multiplicity_of,
+)
+
+if TYPE_CHECKING:
+    from ionflow.config import ModelConfig, TrainingConfig
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -46,6 +62,28 @@ def reference_energy(atoms: Atoms) -> float:
 
 def reference_forces(atoms: Atoms) -> np.ndarray:
     return np.asarray(atoms.arrays[REF_PREFIX + "forces"], dtype=float)
+
+
+def reference_charges(atoms: Atoms) -> np.ndarray | None:
+    """Reference atomic charges (n,) in e, or None when the frame has none."""
+    value = atoms.arrays.get(REF_PREFIX + "charges")
+    return None if value is None else np.asarray(value, dtype=float).reshape(len(atoms))
+
+
+def reference_dipole(atoms: Atoms) -> np.ndarray | None:
+    """Reference dipole (3,) in e·Å about the centre of mass (the model's convention).
+
+    None for frames without ``REF_dipole`` and for periodic frames, whose dipole is not defined.
+    """
+    value = atoms.info.get(REF_PREFIX + "dipole")
+    if value is None or np.any(atoms.pbc):
+        return None
+    return dipole_about_centre_of_mass(atoms, value)
+
+
+def has_electrostatics(hyper: dict) -> bool:
+    """Whether a model with these hyper-parameters predicts charges (and so a dipole)."""
+    return hyper.get("electrostatics", "none") != "none"
 
 
 def fit_atomic_energies(frames: Sequence[Atoms], z_table: Sequence[int]) -> np.ndarray:
@@ -81,7 +119,12 @@ def new_spec(frames: Sequence[Atoms], hyper: dict, seed: int) -> ModelSpec:
 
 
 def _batches(frames: Sequence[Atoms], spec: ModelSpec, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Graphs are built once: positions do not change during training."""
+    """Graphs are built once: positions do not change during training.
+
+    Besides the graph, each batch holds ``ref_energy`` (g,), ``ref_forces`` (n, 3), ``n_atoms`` (g,),
+    ``ref_charges`` (n,) with ``charges_mask`` (n,), and ``ref_dipole`` (g, 3, about the centre of
+    mass) with ``dipole_mask`` (g,); masked-out entries hold zeros.
+    """
     out = []
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
@@ -89,15 +132,53 @@ def _batches(frames: Sequence[Atoms], spec: ModelSpec, batch_size: int) -> list[
         batch["ref_energy"] = torch.tensor([reference_energy(a) for a in chunk], dtype=spec.dtype)
         batch["ref_forces"] = torch.tensor(np.concatenate([reference_forces(a) for a in chunk]), dtype=spec.dtype)
         batch["n_atoms"] = torch.tensor([len(a) for a in chunk], dtype=spec.dtype)
+        charges = [reference_charges(a) for a in chunk]
+        dipoles = [reference_dipole(a) for a in chunk]
+        batch["ref_charges"] = torch.tensor(
+            np.concatenate([np.zeros(len(a)) if q is None else q for a, q in zip(chunk, charges)]), dtype=spec.dtype
+        )
+        batch["charges_mask"] = torch.tensor(
+            np.concatenate([np.full(len(a), q is not None) for a, q in zip(chunk, charges)])
+        )
+        batch["ref_dipole"] = torch.tensor(
+            np.stack([np.zeros(3) if mu is None else mu for mu in dipoles]), dtype=spec.dtype
+        )
+        batch["dipole_mask"] = torch.tensor([mu is not None for mu in dipoles])
         out.append(batch)
     return out
 
 
-def _loss(committee: Committee, batch: dict[str, torch.Tensor], w_e: float, w_f: float, training: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms: energy (eV/atom)^-2, forces (eV/Å)^-2, charges e^-2, dipole (e·Å)^-2."""
+
+    energy: float = 1.0
+    forces: float = 1.0
+    charges: float = 0.0
+    dipole: float = 0.0
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the last axis of the entries where ``mask`` is true ([K, m] -> [K]); 0 when none is."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum().clamp(min=1.0)
+
+
+def _loss(committee: Committee, batch: dict[str, torch.Tensor], weights: LossWeights, training: bool) -> torch.Tensor:
     out = committee(batch, training=training)
     de = (out["energy"] - batch["ref_energy"]) / batch["n_atoms"]  # [K, g] eV/atom
     df = out["forces"] - batch["ref_forces"]  # [K, n, 3] eV/Å
-    return w_e * (de**2).mean(-1).sum() + w_f * (df**2).mean((-2, -1)).sum()
+    loss = weights.energy * (de**2).mean(-1).sum() + weights.forces * (df**2).mean((-2, -1)).sum()
+    if weights.charges > 0 and bool(batch["charges_mask"].any()):
+        dq = out["charges"] - batch["ref_charges"]  # [K, n] e
+        loss = loss + weights.charges * _masked_mean(dq**2, batch["charges_mask"]).sum()
+    if weights.dipole > 0 and bool(batch["dipole_mask"].any()):
+        dmu = out["dipole"] - batch["ref_dipole"]  # [K, g, 3] e·Å, both about the centre of mass
+        # per Cartesian component, like the forces; not divided by the atom count: a molecule has
+        # one dipole but many force components, so a per-atom dipole term would vanish
+        per_structure = (dmu**2).mean(-1)  # [K, g] (e·Å)^2
+        loss = loss + weights.dipole * _masked_mean(per_structure, batch["dipole_mask"]).sum()
+    return loss
 
 
 def train_committee(
@@ -112,8 +193,14 @@ def train_committee(
     seed: int,
     parent: Committee | None = None,
     progress: Progress | None = None,
+    charges_weight: float = 0.0,
+    dipole_weight: float = 10.0,
 ) -> tuple[Committee, TrainReport]:
     """Train a committee on labelled ``train`` frames, keeping the weights best on ``valid``.
+
+    ``charges_weight`` and ``dipole_weight`` (defaults as in :class:`ionflow.config.TrainingConfig`)
+    weigh the ``REF_charges``/``REF_dipole`` terms of the loss for the frames that have them; a
+    model without electrostatics predicts no charges and ignores both.
 
     With a ``parent`` whose elements cover the data the committee is refined from
     the parent's weights (the parent itself is not modified); otherwise it starts
@@ -129,6 +216,13 @@ def train_committee(
     else:
         committee = Committee(new_spec(train, hyper, seed))
     spec = committee.spec
+    electrostatic = has_electrostatics(spec.hyper)
+    weights = LossWeights(
+        energy=energy_weight,
+        forces=forces_weight,
+        charges=charges_weight if electrostatic else 0.0,
+        dipole=dipole_weight if electrostatic else 0.0,
+    )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_batches_fixed = None if len(train) > batch_size else _batches(train, spec, batch_size)
@@ -151,7 +245,7 @@ def train_committee(
         total = 0.0
         for batch in batches:
             optimiser.zero_grad(set_to_none=True)
-            loss = _loss(committee, batch, energy_weight, forces_weight, training=True)
+            loss = _loss(committee, batch, weights, training=True)
             loss.backward()
             optimiser.step()
             total += float(loss.detach())
@@ -160,7 +254,7 @@ def train_committee(
         committee.eval()
         if valid_batches:
             valid_loss = sum(
-                float(_loss(committee, b, energy_weight, forces_weight, training=False).detach()) for b in valid_batches
+                float(_loss(committee, b, weights, training=False).detach()) for b in valid_batches
             ) / len(valid_batches)
         else:
             valid_loss = train_loss
@@ -185,11 +279,16 @@ def evaluate(committee: Committee, frames: Sequence[Atoms], batch_size: int = 64
     """Errors of the committee mean against reference labels, and its spreads.
 
     Returns energy RMSE/MAE (eV/atom), force RMSE/MAE (eV/Å, per component), mean and max
-    per-atom force spread (eV/Å), mean energy spread (eV), and ``n`` frames.
+    per-atom force spread (eV/Å), mean energy spread (eV), and ``n`` frames. For a model with
+    an electrostatic head, also, when some frames carry the labels: ``charges_rmse``/``charges_mae``
+    (e, over labelled atoms, ``n_charges`` frames) and ``dipole_rmse``/``dipole_mae`` (e·Å, per
+    Cartesian component, about the centre of mass, over ``n_dipole`` finite labelled frames).
     """
     if not frames:
         return {"n": 0}
-    de, df, fstd, estd = [], [], [], []
+    electrostatic = has_electrostatics(committee.spec.hyper)
+    de, df, fstd, estd, dq, dmu = [], [], [], [], [], []
+    n_charges = 0
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
         batch = build_batch(chunk, committee.z_table, committee.r_max, dtype=committee.spec.dtype)
@@ -199,8 +298,20 @@ def evaluate(committee: Committee, frames: Sequence[Atoms], batch_size: int = 64
         df.append(pred["forces"].numpy() - np.concatenate([reference_forces(a) for a in chunk]))
         fstd.append(pred["force_std"].numpy())
         estd.append(pred["energy_std"].numpy())
+        if not electrostatic:
+            continue
+        charges, dipoles = pred["charges"].numpy(), pred["dipole"].numpy()
+        ptr = batch["ptr"].numpy()
+        for g, atoms in enumerate(chunk):
+            q = reference_charges(atoms)
+            if q is not None:
+                dq.append(charges[ptr[g] : ptr[g + 1]] - q)
+                n_charges += 1
+            mu = reference_dipole(atoms)
+            if mu is not None:
+                dmu.append(dipoles[g] - mu)
     de, df, fstd, estd = map(np.concatenate, (de, df, fstd, estd))
-    return {
+    metrics = {
         "n": len(frames),
         "energy_rmse": float(np.sqrt(np.mean(de**2))),
         "energy_mae": float(np.mean(np.abs(de))),
@@ -210,3 +321,107 @@ def evaluate(committee: Committee, frames: Sequence[Atoms], batch_size: int = 64
         "force_std_max": float(np.max(fstd)),
         "energy_std_mean": float(np.mean(estd)),
     }
+    if dq:
+        dq = np.concatenate(dq)
+        metrics.update(
+            n_charges=n_charges,
+            charges_rmse=float(np.sqrt(np.mean(dq**2))),
+            charges_mae=float(np.mean(np.abs(dq))),
+        )
+    if dmu:
+        dmu = np.stack(dmu)
+        metrics.update(
+            n_dipole=len(dmu),
+            dipole_rmse=float(np.sqrt(np.mean(dmu**2))),
+            dipole_mae=float(np.mean(np.abs(dmu))),
+        )
+    return metrics
+
+
+def dataset_problem(frames: Sequence[Atoms]) -> str | None:
+    """Say what makes ``frames`` unusable for training, naming the first bad frame (0-based), or None.
+
+    Every frame needs ``REF_energy`` and ``REF_forces`` (n, 3) (see
+    :func:`ionflow.platform.structures.with_reference_labels` for plain ASE labels), an integer
+    charge and multiplicity consistent with its electron count, and ``REF_charges``/``REF_dipole``
+    of the right shapes where present.
+    """
+    if not frames:
+        return "no frames"
+    for k, atoms in enumerate(frames):
+        where = f"frame {k} ({atoms.get_chemical_formula()})"
+        if len(atoms) == 0:
+            return f"{where} has no atoms"
+        missing = [key for key, store in (("energy", atoms.info), ("forces", atoms.arrays)) if REF_PREFIX + key not in store]
+        if missing:
+            return f"{where} has no {' or '.join(REF_PREFIX + m for m in missing)} label (nor a calculator's {'/'.join(missing)})"
+        if not np.isfinite(reference_energy(atoms)):
+            return f"{where}: {REF_PREFIX}energy is not finite"
+        forces = np.asarray(atoms.arrays[REF_PREFIX + "forces"], dtype=float)
+        if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)):
+            return f"{where}: {REF_PREFIX}forces must be finite with shape ({len(atoms)}, 3), got {forces.shape}"
+        for key in ("charge", "multiplicity"):
+            value = atoms.info.get(key)
+            if value is not None and (not np.isscalar(value) or float(value) != int(float(value))):
+                return f"{where}: {key} must be an integer, got {value!r}"
+        problem = charge_state_problem(atoms.numbers, charge_of(atoms), multiplicity_of(atoms))
+        if problem:
+            return f"{where}: charge/multiplicity: {problem}"
+        charges = atoms.arrays.get(REF_PREFIX + "charges")
+        if charges is not None and np.asarray(charges).size != len(atoms):
+            return f"{where}: {REF_PREFIX}charges must have one value per atom"
+        dipole = atoms.info.get(REF_PREFIX + "dipole")
+        if dipole is not None and np.asarray(dipole).size != 3:
+            return f"{where}: {REF_PREFIX}dipole must have 3 components"
+    return None
+
+
+def split_frames(frames: Sequence[Atoms], valid_fraction: float, seed: int) -> tuple[list[Atoms], list[Atoms]]:
+    """Deterministic train/valid split: a seeded permutation, ``round(fraction * n)`` frames held out.
+
+    At least one frame is held out when ``valid_fraction > 0`` and there are two or more frames,
+    and at least one is always kept for training.
+    """
+    n = len(frames)
+    n_valid = int(round(valid_fraction * n))
+    if valid_fraction > 0 and n >= 2:
+        n_valid = max(1, n_valid)
+    n_valid = min(n_valid, n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    valid = set(order[:n_valid].tolist())
+    return [a for i, a in enumerate(frames) if i not in valid], [a for i, a in enumerate(frames) if i in valid]
+
+
+def fit_dataset(
+    frames: Sequence[Atoms],
+    model_cfg: ModelConfig,
+    training_cfg: TrainingConfig,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[Committee, TrainReport, dict[str, float]]:
+    """Train a fresh committee on labelled ``frames`` outside any campaign (``ionflow train``).
+
+    Frames are split with :func:`split_frames` (``training_cfg.valid_fraction``); returns the
+    committee (weights best on the validation frames), its report, and :func:`evaluate` on the
+    validation frames (``{"n": 0}`` when none are held out).
+    Raises ``ValueError`` naming the frame when :func:`dataset_problem` finds one.
+    """
+    problem = dataset_problem(frames)
+    if problem:
+        raise ValueError(problem)
+    train, valid = split_frames(frames, training_cfg.valid_fraction, seed)
+    committee, report = train_committee(
+        train,
+        valid,
+        model_cfg.model_dump(),
+        epochs=training_cfg.epochs,
+        learning_rate=training_cfg.learning_rate,
+        batch_size=training_cfg.batch_size,
+        energy_weight=training_cfg.energy_weight,
+        forces_weight=training_cfg.forces_weight,
+        charges_weight=training_cfg.charges_weight,
+        dipole_weight=training_cfg.dipole_weight,
+        seed=seed,
+        progress=progress,
+    )
+    return committee, report, evaluate(committee, valid)
