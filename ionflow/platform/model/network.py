@@ -23,7 +23,7 @@ from ase.data import atomic_masses
 
 from ionflow.platform.model._mace import ScaleShiftMACE  # before e3nn
 from ionflow.platform.model.charges import dipole, equilibrate_spin
-from ionflow.platform.model.electrostatics import coulomb_energy
+from ionflow.platform.model.electrostatics import coulomb_energy, direct_energies
 
 from mace.modules.utils import get_outputs  # noqa: E402, I001
 
@@ -80,15 +80,19 @@ class Member(torch.nn.Module):
     def _coulomb(
         self, positions: torch.Tensor, q: torch.Tensor, cells: torch.Tensor, periodic: list[bool], ptr: torch.Tensor
     ) -> torch.Tensor:
-        energies = []
+        bounds = ptr.tolist()
+        energies = torch.zeros(len(periodic), dtype=positions.dtype, device=positions.device)
+        finite = [g for g, is_periodic in enumerate(periodic) if not is_periodic]
+        if finite:  # all finite structures in one vectorised pair sum
+            ranges = [(bounds[g], bounds[g + 1]) for g in finite]
+            index = torch.tensor(finite, device=positions.device)
+            energies = energies.index_add(0, index, direct_energies(positions, q, ranges, self.charge_width))
         for g, is_periodic in enumerate(periodic):
-            lo, hi = int(ptr[g]), int(ptr[g + 1])
-            energies.append(
-                coulomb_energy(
-                    positions[lo:hi], q[lo:hi], cells[g] if is_periodic else None, pbc=is_periodic, sigma=self.charge_width
-                )
-            )
-        return torch.stack(energies)  # [g] eV
+            if is_periodic:
+                lo, hi = bounds[g], bounds[g + 1]
+                e_g = coulomb_energy(positions[lo:hi], q[lo:hi], cells[g], pbc=True, sigma=self.charge_width)
+                energies = energies.index_add(0, torch.tensor([g], device=positions.device), e_g[None])
+        return energies  # [g] eV
 
     def forward(
         self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
