@@ -136,7 +136,7 @@ class _PME(PMECalculator):
 
     def _compute_kspace(self, charges, cell, positions, periodic=None, node_mask=None, kvectors=None):
         if node_mask is not None or kvectors is not None:
-            raise NotImplementedError("Batching not implemented for mesh-based calculators")
+            raise ValueError("ionflow's PME takes one system at a time: node_mask and kvectors are not supported")
         ns = torch.tensor(mesh_shape(cell, self.mesh_spacing), device=cell.device)
         self.mesh_interpolator.update(cell, ns)
         self.kspace_filter.update(cell, ns)
