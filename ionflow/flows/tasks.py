@@ -101,10 +101,6 @@ def context(config_path: str) -> Context:
     return Context(config=config, sessions=session_factory(make_engine(config.db_url)), store=ObjectStore(config.campaign_dir))
 
 
-def _iteration(session: Session, campaign_id: int, index: int) -> Iteration:
-    return iteration_row(session, campaign_id, index)
-
-
 def _model_of(session: Session, campaign_id: int, before_index: int | None = None) -> Model | None:
     """The newest model of the campaign (made in an iteration before ``before_index``, if given)."""
     query = select(Model).join(Iteration, Model.iteration_id == Iteration.id).where(Model.campaign_id == campaign_id)
@@ -143,7 +139,7 @@ def bootstrap_task(config_path: str, campaign_id: int) -> int:
     ctx = context(config_path)
     cfg = ctx.config
     with session_scope(ctx.sessions) as session:
-        it = _iteration(session, campaign_id, 0)
+        it = iteration_row(session, campaign_id, 0)
         if reached(it.status, "selected"):
             return 0
         start = cfg.system.atoms()
@@ -185,7 +181,7 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
     ctx = context(config_path)
     cfg = ctx.config.explore
     with session_scope(ctx.sessions) as session:
-        it = _iteration(session, campaign_id, index)
+        it = iteration_row(session, campaign_id, index)
         if reached(it.status, "explored"):
             return dict(it.metrics or {})
         model = _model_of(session, campaign_id, before_index=index)
@@ -255,7 +251,7 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
     ctx = context(config_path)
     cfg = ctx.config.selection
     with session_scope(ctx.sessions) as session:
-        it = _iteration(session, campaign_id, index)
+        it = iteration_row(session, campaign_id, index)
         if reached(it.status, "selected"):
             return session.scalar(
                 select(func.count()).where(SelectionDecision.iteration_id == it.id, SelectionDecision.chosen.is_(True))
@@ -356,7 +352,7 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
     settings_hash = adapter.settings_hash
     counts: dict[str, int] = {}
     with session_scope(ctx.sessions) as session:
-        it = _iteration(session, campaign_id, index)
+        it = iteration_row(session, campaign_id, index)
         if reached(it.status, "labelled"):
             return counts
         iteration_id = it.id
@@ -397,7 +393,7 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
                         )
             update(done, len(pending))
     with session_scope(ctx.sessions) as session:
-        it = _iteration(session, campaign_id, index)
+        it = iteration_row(session, campaign_id, index)
         it.status = "labelled"
     get_run_logger().info(
         "iteration %d labelled with %s: %s%s", index, adapter.name, counts or "nothing new",
@@ -412,7 +408,7 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
     ctx = context(config_path)
     cfg = ctx.config
     with session_scope(ctx.sessions) as session:
-        it = _iteration(session, campaign_id, index)
+        it = iteration_row(session, campaign_id, index)
         existing = session.scalar(select(Model).where(Model.iteration_id == it.id))
         if existing is not None:
             it.status = "trained" if not reached(it.status, "trained") else it.status
@@ -477,7 +473,7 @@ def evaluate_task(config_path: str, campaign_id: int, index: int) -> dict[str, A
     """Errors of the iteration's model on the fixed test set; closes the iteration."""
     ctx = context(config_path)
     with session_scope(ctx.sessions) as session:
-        it = _iteration(session, campaign_id, index)
+        it = iteration_row(session, campaign_id, index)
         if reached(it.status, "done"):
             return dict(it.metrics or {})
         model = session.scalar(select(Model).where(Model.iteration_id == it.id))
@@ -504,7 +500,7 @@ def close_iteration_task(config_path: str, campaign_id: int, index: int, reason:
     """Mark an iteration done without a new model (nothing was worth labelling)."""
     ctx = context(config_path)
     with session_scope(ctx.sessions) as session:
-        it = _iteration(session, campaign_id, index)
+        it = iteration_row(session, campaign_id, index)
         it.metrics = dict(it.metrics or {}, stop_reason=reason)
         it.status = "done"
         it.finished_at = utcnow()

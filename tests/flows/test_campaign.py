@@ -14,8 +14,6 @@ from ionflow.db import (
     Model,
     SelectionDecision,
     TrainingMember,
-    make_engine,
-    session_factory,
     session_scope,
     sha256_file,
 )
