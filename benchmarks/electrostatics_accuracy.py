@@ -120,7 +120,7 @@ def main() -> None:
 
     results = {}
     for mode in args.modes:
-        hyper = ModelConfig(committee_size=2, r_max=R_MAX, electrostatics=mode).model_dump()
+        hyper = ModelConfig(ensemble_size=2, r_max=R_MAX, electrostatics=mode).model_dump()
         t = time.perf_counter()
         committee, report = train_committee(
             train, valid, hyper, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=32,
@@ -155,7 +155,7 @@ def main() -> None:
             "unconverged_skipped": failed,
             "label_s": round(label_s, 1),
         },
-        "training": {"epochs": args.epochs, "learning_rate": args.learning_rate, "energy_weight": args.energy_weight, "committee_size": 2, "r_max": R_MAX},
+        "training": {"epochs": args.epochs, "learning_rate": args.learning_rate, "energy_weight": args.energy_weight, "ensemble_size": 2, "r_max": R_MAX},
         "results": results,
         "ratios_local_over_electrostatic": ratios,
     }

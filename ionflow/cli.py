@@ -169,12 +169,13 @@ def train(
     output: Path = typer.Option(..., "--output", "-o", help="Model file to write (.pt)."),
     config: Path | None = typer.Option(None, "--config", help="YAML with 'model:' and 'training:' sections."),
     electrostatics: str | None = typer.Option(None, help="Long-range head: none, latent, equilibrated, polarisable."),
-    committee_size: int | None = typer.Option(None, help="Number of committee members."),
+    uncertainty: str | None = typer.Option(None, help="committee (independent members) or shallow (one backbone, K heads)."),
+    ensemble_size: int | None = typer.Option(None, help="Members of the committee, or heads of the shallow ensemble."),
     epochs: int | None = typer.Option(None, help="Training epochs."),
     valid_fraction: float | None = typer.Option(None, help="Share of frames held out for validation."),
     seed: int = typer.Option(0, help="Seed of the split and the initial weights."),
 ) -> None:
-    """Train a committee on a labelled dataset, outside any campaign.
+    """Train a model (committee or shallow ensemble) on a labelled dataset, outside any campaign.
 
     Each frame's total charge and multiplicity come from its info (charge, multiplicity; defaults 0 and 1).
     REF_charges and REF_dipole labels are fitted by models with electrostatics.
@@ -182,7 +183,7 @@ def train(
     from ionflow.config import ConfigError, load_train_config
 
     overrides = {
-        "model": {k: v for k, v in {"electrostatics": electrostatics, "committee_size": committee_size}.items() if v is not None},
+        "model": {k: v for k, v in {"electrostatics": electrostatics, "uncertainty": uncertainty, "ensemble_size": ensemble_size}.items() if v is not None},
         "training": {k: v for k, v in {"epochs": epochs, "valid_fraction": valid_fraction}.items() if v is not None},
     }
     try:
@@ -218,7 +219,8 @@ def train(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(
-            f"training {model_cfg.committee_size} members ({model_cfg.electrostatics}) on {len(frames)} frames",
+            f"training {model_cfg.ensemble_size} {'heads' if model_cfg.uncertainty == 'shallow' else 'members'} "
+            f"({model_cfg.electrostatics}) on {len(frames)} frames",
             total=training_cfg.epochs,
         )
         committee, report, metrics = fit_dataset(
@@ -226,6 +228,9 @@ def train(
         )
     save_model(committee, output)
     out.print(_metrics_table(metrics))
+    calibration = committee.spec.calibration
+    out.print(f"uncertainty calibration (fitted on the validation frames): energy spread × {calibration['energy']:.3g}, "
+              f"force spread × {calibration['forces']:.3g}")
     out.print(f"[bold green]saved[/] {output}  (best epoch {report.best_epoch + 1}/{report.epochs}, "
               f"{report.wall_time_s:.1f} s)")
 

@@ -140,9 +140,16 @@ class ReferenceConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """The MACE backbone of every committee member (kept small: it is retrained each iteration)."""
+    """The model: MACE backbone, electrostatic head and uncertainty (kept small: it is retrained each iteration)."""
 
-    committee_size: int = Field(3, ge=2, le=16, description="Number of independently trained members.")
+    uncertainty: Literal["committee", "shallow"] = Field(
+        "committee",
+        description="committee: ensemble_size independently trained models; shallow: one backbone with "
+        "ensemble_size readout heads trained with a Gaussian negative log-likelihood (about a third of the cost).",
+    )
+    ensemble_size: int = Field(
+        3, ge=2, le=32, description="Members of the committee, or readout heads of the shallow ensemble."
+    )
     r_max: float = Field(4.0, gt=0.5, le=12.0, description="Cutoff radius in Å.")
     num_interactions: int = Field(2, ge=1, le=4, description="Message-passing layers.")
     hidden_irreps: str = Field("16x0e+16x1o", description="e3nn irreps of the hidden node features.")
@@ -153,7 +160,7 @@ class ModelConfig(Strict):
     num_polynomial_cutoff: int = Field(5, ge=2, le=10, description="Order of the smooth cutoff envelope.")
     dtype: Literal["float32", "float64"] = Field("float64", description="Floating point precision.")
     electrostatics: Literal["none", "latent", "equilibrated", "polarisable"] = Field(
-        "none",
+        "equilibrated",
         description="Long-range head: none (local only), latent (uniform charge shift), equilibrated "
         "(Fukui equilibration per spin channel) or polarisable (charges see their potential).",
     )

@@ -32,7 +32,7 @@ def h3o() -> Atoms:
 def tiny_hyper() -> dict:
     """ModelConfig defaults, shrunk: 2 members, 8 channels, 2 interactions, float64."""
     return ModelConfig(
-        committee_size=2, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", num_interactions=2, dtype="float64"
+        ensemble_size=2, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", num_interactions=2, dtype="float64"
     ).model_dump()
 
 

@@ -31,7 +31,7 @@ BASE = {
     "name": "zundel-test",
     "system": {"charge": 1, "multiplicity": 1, "structure": ZUNDEL},
     "reference": {"adapter": "tblite", "settings": {"accuracy": 0.5}},
-    "model": {"committee_size": 2, "hidden_irreps": "8x0e+8x1o"},
+    "model": {"ensemble_size": 2, "hidden_irreps": "8x0e+8x1o"},
     "explore": {"steps": 20, "sample_every": 5},
 }
 
@@ -62,7 +62,7 @@ def test_quickstart_example_loads():
     assert atoms.info == {"charge": 1, "multiplicity": 1}
     assert cfg.reference.adapter == "pyscf"
     assert cfg.reference.settings["xc"] == "pbe"
-    assert cfg.model.committee_size == 3
+    assert cfg.model.ensemble_size == 3
     assert cfg.explore.sample_every <= cfg.explore.steps
     assert cfg.selection.threshold < cfg.selection.ceiling
 
@@ -100,7 +100,7 @@ def test_unknown_key_in_a_section(tmp_path, section):
     [
         ("explore", "steps", 0),
         ("explore", "timestep_fs", -0.5),
-        ("model", "committee_size", 1),
+        ("model", "ensemble_size", 1),
         ("model", "r_max", 0.0),
         ("training", "learning_rate", 0.0),
         ("selection", "per_iteration", 0),

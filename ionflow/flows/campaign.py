@@ -16,9 +16,19 @@ from prefect import flow, runtime
 from prefect.artifacts import create_table_artifact
 from sqlalchemy import func, select
 
-from ionflow.db import Calculation, Campaign, CampaignStructure, Model, iteration_table, session_scope
+from ionflow.db import (
+    Calculation,
+    Campaign,
+    CampaignStructure,
+    Model,
+    SelectionDecision,
+    iteration_table,
+    session_scope,
+)
 from ionflow.db.queries import asked_to_label
+from ionflow.db.records import iteration_row
 from ionflow.flows import report
+from ionflow.platform.selection import Decision, nothing_chosen
 from ionflow.flows.tasks import (
     bootstrap_task,
     close_iteration_task,
@@ -46,6 +56,14 @@ class CampaignSummary:
     test_set: str
     stop_reason: str
     iterations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _nothing_chosen(config_path: str, campaign_id: int, index: int) -> str:
+    ctx = context(config_path)
+    with session_scope(ctx.sessions) as session:
+        it = iteration_row(session, campaign_id, index)
+        rows = session.scalars(select(SelectionDecision).where(SelectionDecision.iteration_id == it.id)).all()
+        return nothing_chosen([Decision(r.id, r.score, r.chosen, r.reason) for r in rows])
 
 
 def _labels_so_far(config_path: str, campaign_id: int) -> int:
@@ -115,7 +133,7 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
             explore_task(config_path, campaign_id, index)
             chosen = select_task(config_path, campaign_id, index)
             if chosen == 0:
-                stop_reason = "converged: no explored frame was uncertain enough to label"
+                stop_reason = _nothing_chosen(config_path, campaign_id, index)
                 close_iteration_task(config_path, campaign_id, index, stop_reason)
                 _show_iteration(config_path, campaign_id, index)
                 break

@@ -61,7 +61,7 @@ from ionflow.db.records import (
 from ionflow.dft_adapters import get_adapter
 from ionflow.flows.report import stage
 from ionflow.platform.md import run_walkers
-from ionflow.platform.model import Committee, load_model, save_model
+from ionflow.platform.model import Ensemble, load_model, save_model
 from ionflow.platform.selection import select as select_frames
 from ionflow.platform.structures import rattled, read_structures, structure_hash, write_extxyz
 from ionflow.platform.training import evaluate as evaluate_committee
@@ -109,7 +109,7 @@ def _model_of(session: Session, campaign_id: int, before_index: int | None = Non
     return session.scalar(query.order_by(Model.version.desc()).limit(1))
 
 
-def _load(ctx: Context, model: Model) -> Committee:
+def _load(ctx: Context, model: Model) -> Ensemble:
     path = ctx.store.path(model.checkpoint_path)
     if sha256_file(path) != model.checkpoint_sha256:
         raise RuntimeError(f"model file {path} does not match its recorded sha256; it was changed or damaged")
@@ -425,7 +425,7 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
         parent = _model_of(session, campaign_id, before_index=index)
         parent_committee = _load(ctx, parent) if parent is not None else None
         epochs = cfg.training.finetune_epochs if parent is not None else cfg.training.epochs
-        label = f"train: {cfg.model.committee_size} members, {len(train)}+{len(valid)} labels"
+        label = f"train: {cfg.model.ensemble_size} {'heads' if cfg.model.uncertainty == 'shallow' else 'members'}, {len(train)}+{len(valid)} labels"
         with stage(label, epochs) as update:
             committee, report = train_committee(
                 train,
@@ -449,7 +449,7 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
             iteration_id=it.id,
             version=index,
             parent_id=parent.id if parent is not None else None,
-            kind="mace-committee",
+            kind=f"mace-{cfg.model.uncertainty}",
             hyperparameters={"model": cfg.model.model_dump(), "training": cfg.training.model_dump(), "spec": committee.spec.to_dict()},
             metrics={"train": report.__dict__, "valid": evaluate_committee(committee, valid)},
             checkpoint_path=str(path.relative_to(ctx.folder)),

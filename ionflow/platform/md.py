@@ -21,7 +21,7 @@ from ase.constraints import FixAtoms
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-from ionflow.platform.model.committee import Committee
+from ionflow.platform.model.committee import Ensemble
 from ionflow.platform.model.graph import build_batch
 from ionflow.platform.structures import REF_PREFIX, closest_contact
 
@@ -44,11 +44,11 @@ class WalkerResult:
 
 
 class _WalkersCalculator(Calculator):
-    """Committee mean over a concatenation of walkers, with per-walker spreads."""
+    """Ensemble mean over a concatenation of walkers, with per-walker spreads."""
 
     implemented_properties = ["energy", "forces"]
 
-    def __init__(self, committee: Committee, templates: Sequence[Atoms]) -> None:
+    def __init__(self, committee: Ensemble, templates: Sequence[Atoms]) -> None:
         super().__init__()
         self.committee = committee
         self.templates = list(templates)
@@ -76,7 +76,7 @@ class _WalkersCalculator(Calculator):
 
 
 def run_walkers(
-    committee: Committee,
+    committee: Ensemble,
     starts: Sequence[Atoms],
     steps: int,
     timestep_fs: float,

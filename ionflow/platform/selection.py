@@ -53,6 +53,23 @@ def descriptor_distance(a: tuple[str, np.ndarray], b: tuple[str, np.ndarray]) ->
     return float(np.sqrt(np.mean((a[1] - b[1]) ** 2)))
 
 
+def nothing_chosen(decisions: Sequence[Decision]) -> str:
+    """Why a campaign stops when an iteration chose no frame, from that iteration's decisions."""
+    if not decisions:
+        return "stopped: exploration produced no candidate frame"
+    kinds = {"trusted": 0, "above ceiling": 0, "other": 0}
+    for d in decisions:
+        kind = "trusted" if d.reason.startswith("trusted") else "above ceiling" if d.reason.startswith("above") else "other"
+        kinds[kind] += 1
+    if kinds["trusted"] == len(decisions):
+        return "converged: no explored frame was uncertain enough to label"
+    parts = [f"{kinds['above ceiling']} above the ceiling (likely unphysical)"] if kinds["above ceiling"] else []
+    parts += [f"{kinds['trusted']} trusted"] if kinds["trusted"] else []
+    parts += [f"{kinds['other']} already labelled or near-duplicates"] if kinds["other"] else []
+    hint = "; raise selection.ceiling or lower the temperature" if kinds["above ceiling"] else ""
+    return f"stopped: no frame to label ({', '.join(parts)}){hint}"
+
+
 def select(
     frames: Sequence[Atoms],
     scores: Sequence[float],

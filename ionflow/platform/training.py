@@ -1,4 +1,4 @@
-"""Fit a committee to reference labels, and measure its errors.
+"""Fit an ensemble (committee or shallow) to reference labels, calibrate it, and measure its errors.
 
 Labels are read from ``REF_energy`` (eV, ``info``) and ``REF_forces`` (eV/Å,
 ``arrays``), the keys ionflow writes in its extxyz datasets, and where present
@@ -13,6 +13,19 @@ summed over the committee's members, which share nothing but the data: the sum
 of independent losses trains each member as if it were alone. The charge and
 dipole terms apply only to models with an electrostatic head, and only to the
 frames that carry those labels (dipoles only for non-periodic frames).
+
+A shallow ensemble's K heads share one backbone. Its loss is the same squared error of the
+heads' mean (E and F above) plus w_nll times the Gaussian negative log-likelihood of the labels
+under the heads' mean and variance, per atom for energies and per component for forces:
+
+    NLL = mean ½ [ (y − sg(μ))² / σ² + log σ² ],   μ, σ² = mean and variance over the K heads
+
+with the mean held fixed in the NLL (sg: stop-gradient) so that accuracy comes from the squared
+error and the NLL shapes only the spread. It starts after a quarter of the epochs of a model
+trained from scratch, when the mean has left its random start.
+
+After training, :func:`calibrate` fits on the validation frames the factors by which the spreads
+are multiplied to become predicted errors (maximum likelihood of a Gaussian error model).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from ionflow.platform.model.committee import Committee, ModelSpec
+from ionflow.platform.model.committee import Ensemble, ModelSpec, build_ensemble
 from ionflow.platform.model.graph import build_batch
 from ionflow.platform.structures import (
     REF_PREFIX,
@@ -106,7 +119,7 @@ def new_spec(frames: Sequence[Atoms], hyper: dict, seed: int) -> ModelSpec:
     scale = float(np.sqrt(np.mean(forces**2))) or 1.0
     batch = build_batch(frames, z_table, float(hyper["r_max"]))
     avg_neighbours = batch["edge_index"].shape[1] / max(1, batch["positions"].shape[0])
-    k = int(hyper["committee_size"])
+    k = int(hyper["ensemble_size"])
     return ModelSpec(
         hyper=dict(hyper),
         z_table=z_table,
@@ -156,6 +169,7 @@ class LossWeights:
     forces: float = 1.0
     charges: float = 0.0
     dipole: float = 0.0
+    nll: float = 0.0  # shallow ensembles only; dimensionless
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -164,11 +178,35 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(-1) / mask.sum().clamp(min=1.0)
 
 
-def _loss(committee: Committee, batch: dict[str, torch.Tensor], weights: LossWeights, training: bool) -> torch.Tensor:
+# Floors of the NLL's variances: (eV/atom)^2 and (eV/Å)^2, far below any useful spread.
+_VARIANCE_FLOOR = {"energy": 1e-8, "forces": 1e-6}
+
+
+def _gaussian_nll(pred: torch.Tensor, ref: torch.Tensor, floor: float) -> torch.Tensor:
+    """Mean ½[(y − sg(μ))²/σ² + log σ²] with μ, σ² the mean and variance over the leading (heads) axis."""
+    mean = pred.mean(0).detach()
+    variance = pred.var(0) + floor
+    return 0.5 * (((ref - mean) ** 2) / variance + variance.log()).mean()
+
+
+def _loss(
+    committee: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights, training: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The squared-error loss and, for a shallow ensemble with ``weights.nll > 0``, its weighted NLL."""
     out = committee(batch, training=training)
-    de = (out["energy"] - batch["ref_energy"]) / batch["n_atoms"]  # [K, g] eV/atom
-    df = out["forces"] - batch["ref_forces"]  # [K, n, 3] eV/Å
-    loss = weights.energy * (de**2).mean(-1).sum() + weights.forces * (df**2).mean((-2, -1)).sum()
+    nll = None
+    energy = out["energy"] / batch["n_atoms"]  # [K, g] eV/atom
+    if committee.spec.hyper.get("uncertainty", "committee") == "shallow":
+        de = energy.mean(0, keepdim=True) - batch["ref_energy"] / batch["n_atoms"]  # [1, g]
+        df = out["forces"].mean(0, keepdim=True) - batch["ref_forces"]  # [1, n, 3]
+        loss = weights.energy * (de**2).mean() + weights.forces * (df**2).mean()
+        if weights.nll > 0:
+            nll = weights.energy * _gaussian_nll(energy, batch["ref_energy"] / batch["n_atoms"], _VARIANCE_FLOOR["energy"])
+            nll = weights.nll * (nll + weights.forces * _gaussian_nll(out["forces"], batch["ref_forces"], _VARIANCE_FLOOR["forces"]))
+    else:
+        de = energy - batch["ref_energy"] / batch["n_atoms"]  # [K, g] eV/atom
+        df = out["forces"] - batch["ref_forces"]  # [K, n, 3] eV/Å
+        loss = weights.energy * (de**2).mean(-1).sum() + weights.forces * (df**2).mean((-2, -1)).sum()
     if weights.charges > 0 and bool(batch["charges_mask"].any()):
         dq = out["charges"] - batch["ref_charges"]  # [K, n] e
         loss = loss + weights.charges * _masked_mean(dq**2, batch["charges_mask"]).sum()
@@ -178,7 +216,31 @@ def _loss(committee: Committee, batch: dict[str, torch.Tensor], weights: LossWei
         # one dipole but many force components, so a per-atom dipole term would vanish
         per_structure = (dmu**2).mean(-1)  # [K, g] (e·Å)^2
         loss = loss + weights.dipole * _masked_mean(per_structure, batch["dipole_mask"]).sum()
-    return loss
+    return loss, nll
+
+
+def _head_parameters(committee: Ensemble) -> list[torch.nn.Parameter]:
+    """The parameters in which a shallow ensemble's heads differ: its last readout layer."""
+    return list(committee.member.state[-1].parameters())
+
+
+def _step(committee: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights) -> float:
+    """Gradients of one batch's loss. The NLL reaches only the heads' own layer: left to reach the
+    shared backbone, it buys spread by degrading the mean (the squared error alone sets the mean)."""
+    loss, nll = _loss(committee, batch, weights, training=True)
+    if nll is None:
+        loss.backward()
+        return float(loss.detach())
+    heads = _head_parameters(committee)
+    loss.backward(retain_graph=True)
+    for parameter, grad in zip(heads, torch.autograd.grad(nll, heads)):
+        parameter.grad = grad if parameter.grad is None else parameter.grad + grad
+    return float((loss + nll).detach())
+
+
+def _valid_loss(committee: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights) -> float:
+    loss, nll = _loss(committee, batch, weights, training=False)
+    return float(loss.detach()) + (0.0 if nll is None else float(nll.detach()))
 
 
 def train_committee(
@@ -191,16 +253,19 @@ def train_committee(
     energy_weight: float,
     forces_weight: float,
     seed: int,
-    parent: Committee | None = None,
+    parent: Ensemble | None = None,
     progress: Progress | None = None,
     charges_weight: float = 0.0,
     dipole_weight: float = 10.0,
-) -> tuple[Committee, TrainReport]:
-    """Train a committee on labelled ``train`` frames, keeping the weights best on ``valid``.
+    nll_weight: float = 1.0,
+) -> tuple[Ensemble, TrainReport]:
+    """Train an ensemble on labelled ``train`` frames, keeping the weights best on ``valid``,
+    then fit its calibration on ``valid`` (:func:`calibrate`; kept from the parent, or 1, without).
 
     ``charges_weight`` and ``dipole_weight`` (defaults as in :class:`ionflow.config.TrainingConfig`)
     weigh the ``REF_charges``/``REF_dipole`` terms of the loss for the frames that have them; a
-    model without electrostatics predicts no charges and ignores both.
+    model without electrostatics predicts no charges and ignores both. ``nll_weight`` weighs a
+    shallow ensemble's negative log-likelihood (see the module docstring); committees ignore it.
 
     With a ``parent`` whose elements cover the data the committee is refined from
     the parent's weights (the parent itself is not modified); otherwise it starts
@@ -214,15 +279,20 @@ def train_committee(
     if from_parent:
         committee = copy.deepcopy(parent)
     else:
-        committee = Committee(new_spec(train, hyper, seed))
+        committee = build_ensemble(new_spec(train, hyper, seed))
     spec = committee.spec
     electrostatic = has_electrostatics(spec.hyper)
+    shallow = spec.hyper.get("uncertainty", "committee") == "shallow"
     weights = LossWeights(
         energy=energy_weight,
         forces=forces_weight,
         charges=charges_weight if electrostatic else 0.0,
         dipole=dipole_weight if electrostatic else 0.0,
+        nll=nll_weight if shallow else 0.0,
     )
+    # the NLL joins once the mean has left its random start; the best weights are chosen after that
+    nll_start = 0 if from_parent or not shallow else epochs // 4
+    active = weights
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_batches_fixed = None if len(train) > batch_size else _batches(train, spec, batch_size)
@@ -236,6 +306,9 @@ def train_committee(
     best = (math.inf, -1, copy.deepcopy(committee.state_dict()))
     train_loss = math.nan
     for epoch in range(epochs):
+        weights = active if epoch >= nll_start else LossWeights(**{**active.__dict__, "nll": 0.0})
+        if epoch == nll_start and nll_start > 0:
+            best = (math.inf, -1, best[2])  # a loss with the NLL is not comparable with one without
         committee.train()
         if train_batches_fixed is not None:
             batches = train_batches_fixed
@@ -245,16 +318,14 @@ def train_committee(
         total = 0.0
         for batch in batches:
             optimiser.zero_grad(set_to_none=True)
-            loss = _loss(committee, batch, weights, training=True)
-            loss.backward()
+            total += _step(committee, batch, weights)
             optimiser.step()
-            total += float(loss.detach())
         scheduler.step()
         train_loss = total / len(batches)
         committee.eval()
         if valid_batches:
             valid_loss = sum(
-                float(_loss(committee, b, weights, training=False).detach()) for b in valid_batches
+                _valid_loss(committee, b, weights) for b in valid_batches
             ) / len(valid_batches)
         else:
             valid_loss = train_loss
@@ -264,6 +335,8 @@ def train_committee(
             progress(epoch + 1, epochs)
     committee.load_state_dict(best[2])
     committee.eval()
+    if valid:
+        committee.spec.calibration = calibrate(committee, valid)
     report = TrainReport(
         epochs=epochs,
         wall_time_s=time.perf_counter() - start,
@@ -275,11 +348,47 @@ def train_committee(
     return committee, report
 
 
-def evaluate(committee: Committee, frames: Sequence[Atoms], batch_size: int = 64) -> dict[str, float]:
-    """Errors of the committee mean against reference labels, and its spreads.
+def _errors_and_spreads(
+    ensemble: Ensemble, frames: Sequence[Atoms], batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Energy errors (g,) eV and raw spreads (g,) eV; per-atom force error norms (n,) and raw spreads (n,) eV/Å."""
+    de, se, df, sf = [], [], [], []
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start : start + batch_size]
+        batch = build_batch(chunk, ensemble.z_table, ensemble.r_max, dtype=ensemble.spec.dtype)
+        pred = ensemble.predict(batch)
+        energies, forces = pred["energies"].numpy(), pred["forces_members"].numpy()
+        de.append(energies.mean(0) - [reference_energy(a) for a in chunk])
+        se.append(energies.std(0))
+        df.append(np.linalg.norm(forces.mean(0) - np.concatenate([reference_forces(a) for a in chunk]), axis=-1))
+        sf.append(np.sqrt(((forces - forces.mean(0)) ** 2).sum(-1).mean(0)))
+    return tuple(np.concatenate(x) for x in (de, se, df, sf))
+
+
+def calibrate(ensemble: Ensemble, frames: Sequence[Atoms], batch_size: int = 64) -> dict[str, float]:
+    """Calibration factors that turn the raw spreads into predicted errors, fitted on ``frames``.
+
+    Maximum likelihood of a Gaussian error model with the spread as its scale: for energies
+    s_E² = mean_g (ΔE_g / σ_g)², for forces s_F² = mean_i |ΔF_i|² / σ_i² (σ_i² the per-atom spread
+    squared, summed over components). Entries whose raw spread is zero are left out; a factor
+    that cannot be fitted is 1.
+    """
+
+    def factor(errors: np.ndarray, spreads: np.ndarray) -> float:
+        ok = spreads > 0
+        return float(np.sqrt(np.mean((errors[ok] / spreads[ok]) ** 2))) if ok.any() else 1.0
+
+    de, se, df, sf = _errors_and_spreads(ensemble, frames, batch_size)
+    return {"energy": factor(de, se), "forces": factor(df, sf)}
+
+
+def evaluate(committee: Ensemble, frames: Sequence[Atoms], batch_size: int = 64) -> dict[str, float]:
+    """Errors of the ensemble mean against reference labels, and its (calibrated) spreads.
 
     Returns energy RMSE/MAE (eV/atom), force RMSE/MAE (eV/Å, per component), mean and max
-    per-atom force spread (eV/Å), mean energy spread (eV), and ``n`` frames. For a model with
+    per-atom force spread (eV/Å), mean energy spread (eV), ``force_z_rms`` (the RMS over atoms of
+    |ΔF_i| / force spread_i: 1 for a calibrated model, above 1 when it is overconfident), and ``n``
+    frames. For a model with
     an electrostatic head, also, when some frames carry the labels: ``charges_rmse``/``charges_mae``
     (e, over labelled atoms, ``n_charges`` frames) and ``dipole_rmse``/``dipole_mae`` (e·Å, per
     Cartesian component, about the centre of mass, over ``n_dipole`` finite labelled frames).
@@ -321,6 +430,9 @@ def evaluate(committee: Committee, frames: Sequence[Atoms], batch_size: int = 64
         "force_std_max": float(np.max(fstd)),
         "energy_std_mean": float(np.mean(estd)),
     }
+    spread = fstd > 0
+    if spread.any():
+        metrics["force_z_rms"] = float(np.sqrt(np.mean(np.sum(df[spread] ** 2, -1) / fstd[spread] ** 2)))
     if dq:
         dq = np.concatenate(dq)
         metrics.update(
@@ -398,7 +510,7 @@ def fit_dataset(
     training_cfg: TrainingConfig,
     seed: int = 0,
     progress: Progress | None = None,
-) -> tuple[Committee, TrainReport, dict[str, float]]:
+) -> tuple[Ensemble, TrainReport, dict[str, float]]:
     """Train a fresh committee on labelled ``frames`` outside any campaign (``ionflow train``).
 
     Frames are split with :func:`split_frames` (``training_cfg.valid_fraction``); returns the

@@ -37,11 +37,13 @@ def tiny_campaign(tmp_path: Path, **changes) -> dict:
         "seed": 3,
         "system": {"charge": 1, "multiplicity": 1, "structure": ZUNDEL},
         "reference": {"adapter": "tblite"},
-        "model": {"committee_size": 2, "hidden_irreps": "8x0e+8x1o", "mlp_irreps": "8x0e", "num_interactions": 1},
+        "model": {"ensemble_size": 2, "hidden_irreps": "8x0e+8x1o", "mlp_irreps": "8x0e", "num_interactions": 1},
         "training": {"epochs": 20, "finetune_epochs": 8},
         "bootstrap": {"n_train": 6, "n_test": 3},
-        "explore": {"walkers": 2, "steps": 30, "sample_every": 5},
-        "selection": {"per_iteration": 3, "threshold": 0.001},
+        # the spreads are calibrated to predicted errors, and 20 epochs leave errors of eV/Å:
+        # a wide trust window keeps every iteration labelling
+        "explore": {"walkers": 2, "steps": 30, "sample_every": 5, "stop_uncertainty": 100.0},
+        "selection": {"per_iteration": 3, "threshold": 0.001, "ceiling": 100.0},
     }
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

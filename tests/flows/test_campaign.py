@@ -143,3 +143,26 @@ def test_status_prints_the_iterations_from_the_database(finished):
         assert "tiny (finished)" in result.output
         lines = [line for line in result.output.splitlines() if "done" in line]
         assert len(lines) == 3 and "v2" in lines[-1]
+
+
+def test_campaign_with_a_shallow_ensemble(tmp_path, prefect_server):
+    from ionflow.flows.campaign import campaign_flow
+    from ionflow.flows.tasks import context
+    from ionflow.platform.model import ShallowEnsemble, load_model
+
+    config = tiny_campaign(tmp_path, iterations=1, model={"uncertainty": "shallow", "ensemble_size": 4})
+    path = write_campaign(tmp_path, config)
+    summary = campaign_flow(str(path))
+    assert summary["stop_reason"] == "finished 1 iterations"
+    ctx = context(str(path.resolve()))
+    with session_scope(ctx.sessions) as session:
+        models = session.scalars(select(Model).order_by(Model.version)).all()
+        assert [m.kind for m in models] == ["mace-shallow", "mace-shallow"]
+        for m in models:
+            model = load_model(ctx.folder / m.checkpoint_path)
+            assert isinstance(model, ShallowEnsemble) and model.member.heads == 4
+            assert model.spec.hyper["electrostatics"] == "equilibrated", "the campaign default is electrostatic"
+            # the calibration fitted on the validation labels travels in the file and the database
+            assert m.hyperparameters["spec"]["calibration"] == model.spec.calibration
+            assert model.spec.calibration != {"energy": 1.0, "forces": 1.0}
+            assert m.metrics["valid"]["force_z_rms"] == pytest.approx(1.0, rel=1e-6)

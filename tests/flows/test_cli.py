@@ -17,7 +17,7 @@ runner = CliRunner()
     [
         ({"colour": "blue"}, ["colour", "unknown key"]),
         ({"explore": {"steps": 0}}, ["explore.steps"]),
-        ({"model": {"committee_size": 1}}, ["model.committee_size"]),
+        ({"model": {"ensemble_size": 1}}, ["model.ensemble_size"]),
         ({"system": {"charge": 0}}, ["electrons", "multiplicity"]),
         ({"system": {"multiplicity": 2}}, ["electrons", "multiplicity 2"]),
         ({"reference": {"adapter": "gaussian"}}, ["gaussian", "pyscf", "tblite"]),

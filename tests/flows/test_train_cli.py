@@ -55,7 +55,7 @@ def test_train_writes_a_model_that_loads_as_a_calculator(tmp_path, labelled_fram
     model = tmp_path / "out" / "model.pt"
     args = [
         "train", str(data), "-o", str(model), "--config", str(write_config(tmp_path / "model.yaml")),
-        "--electrostatics", "equilibrated", "--epochs", "5", "--committee-size", "2", "--valid-fraction", "0.25",
+        "--electrostatics", "equilibrated", "--epochs", "5", "--ensemble-size", "2", "--valid-fraction", "0.25",
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -299,14 +299,14 @@ def test_committee_members_differ_by_seed_and_rebuild_identically(untrained_comm
         assert torch.equal(pa, pb)
     e, _ = members(rebuilt, [h3o])
     assert abs(e[0, 0] - e[1, 0]) > 1e-6
-    with pytest.raises(ValueError, match="committee_size"):
+    with pytest.raises(ValueError, match="ensemble_size"):
         Committee(copy.deepcopy(tiny_spec), seeds=[1, 2, 3])
 
 
 def test_spreads_follow_their_definitions_for_three_members(tiny_spec, h3o):
     """With two members every definition of spread agrees; three tell RMS from mean norm."""
     spec = copy.deepcopy(tiny_spec)
-    spec.hyper.update(committee_size=3, num_interactions=1)
+    spec.hyper.update(ensemble_size=3, num_interactions=1)
     committee = Committee(spec, seeds=[1, 2, 3]).eval()
     batch = build_batch([h3o], committee.z_table, committee.r_max)
     pred = committee.predict(batch)

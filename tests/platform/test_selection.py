@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from ionflow.platform.selection import descriptor, descriptor_distance, select
+from ionflow.platform.selection import Decision, descriptor, descriptor_distance, nothing_chosen, select
 from ionflow.platform.structures import rattled
 
 WINDOW = dict(threshold=0.1, ceiling=1.0, min_distance=0.02)
@@ -105,3 +105,14 @@ def test_descriptor_separates_compositions(h3o):
     swapped = h3o.copy()
     swapped.numbers = [1, 8, 1, 1]  # same formula, different bonding: 1-8 distances change
     assert descriptor_distance(descriptor(h3o), descriptor(swapped)) > 0.1
+
+
+def test_nothing_chosen_says_why():
+    trusted = Decision(0, 0.01, False, "trusted: spread 0.010 < threshold 0.05 eV/Å")
+    wild = Decision(1, 9.0, False, "above ceiling 2.0 eV/Å: likely unphysical")
+    dup = Decision(2, 0.3, False, "already labelled (same structure hash)")
+    assert nothing_chosen([trusted, trusted]).startswith("converged")
+    reason = nothing_chosen([wild, trusted, dup])
+    assert reason.startswith("stopped") and "1 above the ceiling" in reason and "selection.ceiling" in reason
+    assert "1 trusted" in reason and "1 already labelled" in reason
+    assert "no candidate" in nothing_chosen([])

@@ -25,7 +25,9 @@ def test_training_lowers_held_out_errors(trained, tiny_hyper):
     # seed 3 gives about 0.21x (energy) and 0.5x (forces); other seeds 0.25-0.45x and 0.45-0.55x
     assert after["energy_rmse"] < 0.5 * before["energy_rmse"], (before, after)
     assert after["forces_rmse"] < 0.75 * before["forces_rmse"], (before, after)
-    assert after["force_std_mean"] < before["force_std_mean"]
+    raw = copy.deepcopy(committee)  # spreads before calibration, comparable with the untrained ones
+    raw.spec.calibration = {"energy": 1.0, "forces": 1.0}
+    assert evaluate(raw, test)["force_std_mean"] < before["force_std_mean"]
 
     assert report.epochs == 60 and not report.from_parent
     assert 0 <= report.best_epoch < 60
@@ -52,7 +54,9 @@ def test_finetune_leaves_parent_untouched(trained, tiny_hyper):
     for key, value in parent.state_dict().items():
         assert torch.equal(value, state[key]), f"parent weight {key} changed"
     assert parent.spec.to_dict() == spec
-    assert child.spec.to_dict() == spec, "a refined model keeps its parent's architecture and E0"
+    refined = child.spec.to_dict()
+    assert refined.pop("calibration") != spec.pop("calibration"), "the refined model is recalibrated"
+    assert refined == spec, "a refined model keeps its parent's architecture and E0"
     changed = [k for k, v in child.state_dict().items() if not torch.equal(v, state[k])]
     assert changed, "fine-tuning did not change any weight"
 

@@ -37,7 +37,7 @@ from ionflow.platform.training import (
 )
 from tests.conftest import hydronium
 
-TINY = dict(committee_size=2, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", num_interactions=1, dtype="float64")
+TINY = dict(ensemble_size=2, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", num_interactions=1, dtype="float64")
 
 
 def tiny_hyper(electrostatics: str = "equilibrated") -> dict:
@@ -138,12 +138,12 @@ def test_loss_uses_charges_and_dipoles_only_where_labelled(electrostatic_committ
     assert batch["dipole_mask"].tolist() == [True, False, True, False]
 
     out = committee(build_batch(frames, committee.z_table, committee.r_max))
-    loss_q = float(_loss(committee, batch, LossWeights(0, 0, 1, 0), training=False).detach())
+    loss_q = float(_loss(committee, batch, LossWeights(0, 0, 1, 0), training=False)[0].detach())
     q_ref = np.concatenate([a.arrays["REF_charges"], periodic.arrays["REF_charges"]])
     q_pred = torch.cat([out["charges"][:, 0:4], out["charges"][:, 12:16]], dim=1).detach().numpy()
     assert loss_q == pytest.approx(float(((q_pred - q_ref) ** 2).mean(-1).sum()), rel=1e-10)
 
-    loss_mu = float(_loss(committee, batch, LossWeights(0, 0, 0, 1), training=False).detach())
+    loss_mu = float(_loss(committee, batch, LossWeights(0, 0, 0, 1), training=False)[0].detach())
     mu_pred = out["dipole"][:, [0, 2]].detach().numpy()  # [K, 2, 3]
     mu_ref = np.stack([reference_dipole(a), reference_dipole(c)])
     assert loss_mu == pytest.approx(float(((mu_pred - mu_ref) ** 2).mean(-1).mean(-1).sum()), rel=1e-10)
@@ -151,8 +151,8 @@ def test_loss_uses_charges_and_dipoles_only_where_labelled(electrostatic_committ
     # without any labels, the charge and dipole weights change nothing
     bare = [_without(x, "charges", "dipole") for x in frames]
     bare_batch = _batches(bare, committee.spec, batch_size=8)[0]
-    plain = float(_loss(committee, bare_batch, LossWeights(1, 1, 0, 0), training=False).detach())
-    weighted = float(_loss(committee, bare_batch, LossWeights(1, 1, 5, 5), training=False).detach())
+    plain = float(_loss(committee, bare_batch, LossWeights(1, 1, 0, 0), training=False)[0].detach())
+    weighted = float(_loss(committee, bare_batch, LossWeights(1, 1, 5, 5), training=False)[0].detach())
     assert weighted == plain
 
 

@@ -1,4 +1,4 @@
-"""ASE calculator over a committee: mean energy and forces, plus their spreads."""
+"""ASE calculator over an ensemble (committee or shallow): mean energy and forces, plus their spreads."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from ionflow.platform.model.committee import Committee
+from ionflow.platform.model.committee import Ensemble
 from ionflow.platform.model.files import load_model
 from ionflow.platform.model.graph import build_batch
 
 
 class CommitteeCalculator(Calculator):
-    """Energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt, periodic only) of the committee mean.
+    """Energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt, periodic only) of the ensemble mean.
 
     Also ``charges`` (n_atoms,) e and, for finite systems, ``dipole`` (3,) e·Å about the
-    centre of mass. Extra results: ``energy_uncertainty`` (eV, members' standard deviation) and
-    ``forces_uncertainty`` (n_atoms,) eV/Å, per-atom spread of the members' forces.
+    centre of mass. Extra results: ``energy_uncertainty`` (eV, the members' or heads' standard
+    deviation) and ``forces_uncertainty`` (n_atoms,) eV/Å, per-atom spread of their forces, both
+    multiplied by the model's calibration factors (predicted errors).
     Total charge and multiplicity are read from ``atoms.info``.
     """
 
@@ -26,7 +27,7 @@ class CommitteeCalculator(Calculator):
         "energy", "free_energy", "forces", "stress", "charges", "dipole", "energy_uncertainty", "forces_uncertainty",
     ]
 
-    def __init__(self, committee: Committee, **kwargs) -> None:
+    def __init__(self, committee: Ensemble, **kwargs) -> None:
         super().__init__(**kwargs)
         self.committee = committee
 

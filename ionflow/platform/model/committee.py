@@ -1,9 +1,14 @@
-"""A committee of MACE models: K independently initialised and trained members.
+"""Ensembles of MACE models, whose spread is the uncertainty that drives selection.
 
-The members' spread is the uncertainty that drives selection. Forces are the
-autograd derivative of each member's energy (MACE's own ``get_outputs``), never a
-separate head; the committee's forces are the mean of the members' forces,
-which is the derivative of the mean energy.
+Two kinds, chosen by ``hyper["uncertainty"]``, with one interface:
+  committee  K independently initialised and trained members (K backbones);
+  shallow    one backbone whose last readout layer has K heads (Kellner & Ceriotti's
+             shallow ensemble), trained with a Gaussian negative log-likelihood: one
+             forward pass, and the heads' force deviations in one batched backward pass.
+Forces are always autograd derivatives of an energy (MACE's own ``get_outputs``), never a
+separate head; an ensemble's forces are the mean of its K forces, the derivative of the
+mean energy. The spreads are multiplied by calibration factors fitted on validation data
+(:func:`ionflow.platform.training.calibrate`) and stored in the spec.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ class ModelSpec:
     ``hyper`` holds the :class:`ionflow.config.ModelConfig` fields; ``atomic_energies``
     (eV) are the per-element reference energies E0 in the order of ``z_table``;
     ``scale`` (eV) and ``shift`` (eV) map the readout to interaction energies;
-    ``avg_num_neighbors`` normalises messages.
+    ``avg_num_neighbors`` normalises messages; ``calibration`` holds the factors that turn the
+    raw spreads into predicted errors: ``energy`` (for the energy spread) and ``forces`` (for the
+    per-atom force spread), 1.0 until fitted.
     """
 
     hyper: dict[str, Any]
@@ -41,6 +48,7 @@ class ModelSpec:
     shift: float = 0.0
     avg_num_neighbors: float = 4.0
     seeds: list[int] = field(default_factory=list)
+    calibration: dict[str, float] = field(default_factory=lambda: {"energy": 1.0, "forces": 1.0})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,8 +58,8 @@ class ModelSpec:
         return torch.float64 if self.hyper.get("dtype", "float64") == "float64" else torch.float32
 
 
-def build_member(spec: ModelSpec, seed: int) -> Member:
-    """One member of the committee (MACE backbone + electrostatic head), initialised from ``seed``."""
+def build_member(spec: ModelSpec, seed: int, heads: int = 1) -> Member:
+    """One member (MACE backbone + electrostatic head, ``heads`` readout heads), initialised from ``seed``."""
     h = spec.hyper
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -74,25 +82,17 @@ def build_member(spec: ModelSpec, seed: int) -> Member:
             atomic_inter_scale=float(spec.scale),
             atomic_inter_shift=float(spec.shift),
         ).to(spec.dtype)
-        return Member(model, h, list(spec.z_table))
+        return Member(model, h, list(spec.z_table), heads=heads)
 
 
-class Committee(torch.nn.Module):
-    """K MACE members evaluated on one batch.
+class Ensemble(torch.nn.Module):
+    """What both kinds share: ``spec``, the cutoff, the element table, and :meth:`predict`.
 
-    ``forward`` returns per-member energies (K, g) in eV and forces (K, n, 3) in eV/Å
-    (and stress (K, g, 3, 3) in eV/Å^3 when asked); :meth:`predict` adds the mean and
-    the spreads used for selection.
+    ``forward`` returns energy (K, g) eV and forces (K, n, 3) eV/Å of the K members or heads, and
+    charges, dipole and stress with a leading axis of K (committee) or 1 (shallow: shared).
     """
 
-    def __init__(self, spec: ModelSpec, seeds: list[int] | None = None) -> None:
-        super().__init__()
-        k = int(spec.hyper["committee_size"])
-        spec.seeds = list(seeds if seeds is not None else (spec.seeds or range(k)))
-        if len(spec.seeds) != k:
-            raise ValueError(f"committee_size is {k} but {len(spec.seeds)} seeds were given")
-        self.spec = spec
-        self.members = torch.nn.ModuleList(build_member(spec, s) for s in spec.seeds)
+    spec: ModelSpec
 
     @property
     def r_max(self) -> float:
@@ -102,30 +102,27 @@ class Committee(torch.nn.Module):
     def z_table(self) -> list[int]:
         return list(self.spec.z_table)
 
-    def forward(
-        self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """Every member's outputs stacked on a leading axis of size K: energy (K, g), forces
-        (K, n, 3), charges (K, n), dipole (K, g, 3), energy_coulomb (K, g), stress (K, g, 3, 3)."""
-        outputs = [member(batch, training=training, compute_stress=compute_stress) for member in self.members]
-        return {key: torch.stack([o[key] for o in outputs]) for key in outputs[0]}
+    @property
+    def size(self) -> int:
+        return int(self.spec.hyper["ensemble_size"])
 
     def predict(self, batch: dict[str, torch.Tensor], compute_stress: bool = False) -> dict[str, torch.Tensor]:
-        """Committee mean and spread, detached.
+        """Ensemble mean and calibrated spread, detached.
 
-        energy (g,) eV; forces (n, 3) eV/Å; energy_std (g,) eV, the members' standard
-        deviation; force_std (n,) eV/Å, per atom sqrt(mean_k |F_k - F_mean|^2);
-        energies (K, g) and forces_members (K, n, 3) for the record; charges (n,) e and
-        dipole (g, 3) e·Å, the members' means.
+        energy (g,) eV; forces (n, 3) eV/Å; energy_std (g,) eV, the K energies' standard deviation
+        times the energy calibration; force_std (n,) eV/Å, per atom sqrt(mean_k |F_k - F_mean|^2)
+        times the force calibration; energies (K, g) and forces_members (K, n, 3) for the record;
+        charges (n,) e and dipole (g, 3) e·Å, means; stress (g, 3, 3) eV/Å^3 when asked.
         """
         out = self.forward(batch, training=False, compute_stress=compute_stress)
         e, f = out["energy"].detach(), out["forces"].detach()
         f_mean = f.mean(0)
+        calibration = self.spec.calibration
         result = {
             "energy": e.mean(0),
             "forces": f_mean,
-            "energy_std": e.std(0, unbiased=False),
-            "force_std": ((f - f_mean) ** 2).sum(-1).mean(0).sqrt(),
+            "energy_std": e.std(0, unbiased=False) * float(calibration["energy"]),
+            "force_std": ((f - f_mean) ** 2).sum(-1).mean(0).sqrt() * float(calibration["forces"]),
             "energies": e,
             "forces_members": f,
             "charges": out["charges"].detach().mean(0),
@@ -134,3 +131,56 @@ class Committee(torch.nn.Module):
         if compute_stress:
             result["stress"] = out["stress"].detach().mean(0)
         return result
+
+
+class Committee(Ensemble):
+    """K MACE members evaluated on one batch, sharing nothing but the data."""
+
+    def __init__(self, spec: ModelSpec, seeds: list[int] | None = None) -> None:
+        super().__init__()
+        k = int(spec.hyper["ensemble_size"])
+        spec.seeds = list(seeds if seeds is not None else (spec.seeds or range(k)))
+        if len(spec.seeds) != k:
+            raise ValueError(f"ensemble_size is {k} but {len(spec.seeds)} seeds were given")
+        self.spec = spec
+        self.members = torch.nn.ModuleList(build_member(spec, s) for s in spec.seeds)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Every member's outputs stacked on a leading axis of size K: energy (K, g), forces
+        (K, n, 3), charges (K, n), dipole (K, g, 3), energy_coulomb (K, g), stress (K, g, 3, 3)."""
+        outputs = [member(batch, training=training, compute_stress=compute_stress) for member in self.members]
+        return {key: torch.stack([o[key] for o in outputs]) for key in outputs[0]}
+
+
+class ShallowEnsemble(Ensemble):
+    """One MACE backbone and electrostatic head whose last readout layer has K heads."""
+
+    def __init__(self, spec: ModelSpec, seeds: list[int] | None = None) -> None:
+        super().__init__()
+        k = int(spec.hyper["ensemble_size"])
+        spec.seeds = list(seeds if seeds is not None else (spec.seeds or [0]))[:1]
+        self.spec = spec
+        self.member = build_member(spec, spec.seeds[0], heads=k)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """energy (K, g) and forces (K, n, 3) of the K heads; charges (1, n), dipole (1, g, 3),
+        energy_coulomb (1, g) and stress (1, g, 3, 3), which the heads share."""
+        out = self.member(batch, training=training, compute_stress=compute_stress)
+        result = {key: value[None] for key, value in out.items() if not key.endswith("_heads")}
+        result["energy"], result["forces"] = out["energy_heads"], out["forces_heads"]
+        return result
+
+
+UNCERTAINTY = {"committee": Committee, "shallow": ShallowEnsemble}
+
+
+def build_ensemble(spec: ModelSpec, seeds: list[int] | None = None) -> Ensemble:
+    """A committee or a shallow ensemble, as ``spec.hyper["uncertainty"]`` says (committee by default)."""
+    kind = spec.hyper.get("uncertainty", "committee")
+    if kind not in UNCERTAINTY:
+        raise ValueError(f"uncertainty must be one of {sorted(UNCERTAINTY)}, got {kind!r}")
+    return UNCERTAINTY[kind](spec, seeds=seeds)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ionflow.platform.model.committee import Committee, ModelSpec
+from ionflow.platform.model.committee import Ensemble, ModelSpec, build_ensemble
 
 FORMAT = "ionflow-committee"
-FORMAT_VERSION = 2  # 2: members carry an electrostatic head
+FORMAT_VERSION = 3  # 2: members carry an electrostatic head; 3: shallow ensembles and calibration
 
 
-def save_model(committee: Committee, path: str | Path) -> Path:
-    """Write ``committee`` to ``path`` atomically (a crash never leaves half a file)."""
+def save_model(committee: Ensemble, path: str | Path) -> Path:
+    """Write a committee or shallow ensemble to ``path`` atomically (a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -33,7 +33,7 @@ def save_model(committee: Committee, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Committee:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
     """Read a model file written by :func:`save_model` (safe: weights only)."""
     path = Path(path)
     if not path.is_file():
@@ -45,9 +45,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Committe
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an ionflow model file (format {payload.get('format')!r})")
     if payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: model file version {payload.get('format_version')} is not supported")
+        raise ValueError(
+            f"{path}: model file version {payload.get('format_version')} is not supported (this ionflow "
+            f"reads version {FORMAT_VERSION}); retrain the model with this version"
+        )
     spec = ModelSpec(**payload["spec"])
-    committee = Committee(spec, seeds=spec.seeds)
+    committee = build_ensemble(spec, seeds=spec.seeds)
     committee.load_state_dict(payload["state_dict"])
     committee.eval()
     return committee.to(device)

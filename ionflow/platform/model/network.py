@@ -46,6 +46,16 @@ def scalar_feature_index(backbone: ScaleShiftMACE) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
+def _helmert(k: int) -> torch.Tensor:
+    """(k−1, k) orthonormal rows, each summing to zero: a basis of deviations from the mean."""
+    rows = torch.zeros(k - 1, k, dtype=torch.float64)
+    for j in range(1, k):
+        rows[j - 1, :j] = 1.0
+        rows[j - 1, j] = -float(j)
+        rows[j - 1] /= (j * (j + 1)) ** 0.5
+    return rows
+
+
 def _per_structure(values: torch.Tensor, batch: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, batch, values)
 
@@ -53,8 +63,11 @@ def _per_structure(values: torch.Tensor, batch: torch.Tensor, n: int) -> torch.T
 class Member(torch.nn.Module):
     """MACE backbone with an electrostatic head (see the module docstring)."""
 
-    def __init__(self, backbone: ScaleShiftMACE, hyper: dict[str, Any], z_table: list[int]) -> None:
+    def __init__(self, backbone: ScaleShiftMACE, hyper: dict[str, Any], z_table: list[int], heads: int = 1) -> None:
         super().__init__()
+        if heads < 1:
+            raise ValueError(f"a member needs at least one readout head, got {heads}")
+        self.heads = int(heads)
         self.backbone = backbone
         self.mode = str(hyper.get("electrostatics", "none"))
         if self.mode not in ELECTROSTATICS:
@@ -68,10 +81,17 @@ class Member(torch.nn.Module):
         # zero MACE features whatever its element, yet Na and Cl must not get the same charge
         n_s = int(self.scalars.numel()) + len(z_table)
         hidden = 16
-        # node energy from the features and the structure's charge state: E depends on Q and M
-        self.state = _mlp(n_s + 2, hidden, 1).to(dtype)
-        torch.nn.init.zeros_(self.state[-1].weight)
+        # node energy from the features and the structure's charge state: E depends on Q and M.
+        # With several heads (a shallow ensemble) only this last linear layer differs between
+        # heads; it starts small and random so that the heads start apart, else at zero.
+        self.state = _mlp(n_s + 2, hidden, self.heads).to(dtype)
         torch.nn.init.zeros_(self.state[-1].bias)
+        if self.heads == 1:
+            torch.nn.init.zeros_(self.state[-1].weight)
+        else:
+            torch.nn.init.normal_(self.state[-1].weight, std=0.1 / hidden**0.5)
+        if self.heads > 1:  # orthonormal contrasts: rows span the heads' deviations from their mean
+            self.register_buffer("contrasts", _helmert(self.heads).to(dtype), persistent=False)
         if self.mode != "none":
             self.charge_head = _mlp(n_s, hidden, 4).to(dtype)  # q⁰_α, q⁰_β, f_α, f_β
         if self.steps:
@@ -105,7 +125,11 @@ class Member(torch.nn.Module):
         charge = batch["total_charge"].to(features.dtype)  # [g] e
         multiplicity = batch["multiplicity"].to(features.dtype)  # [g]
         state = torch.cat([features, charge[index, None], (multiplicity - 1)[index, None]], dim=-1)
-        energy = out["energy"] + _per_structure(self.state(state)[:, 0], index, n_graphs)  # [g] eV
+        node_heads = self.state(state)  # [n, H] eV
+        local_heads = out["energy"][None] + torch.zeros(
+            self.heads, n_graphs, dtype=node_heads.dtype, device=node_heads.device
+        ).index_add_(1, index, node_heads.T)  # [H, g] eV
+        energy = local_heads.mean(0)  # [g] eV; with one head, that head
 
         positions = data["positions"]  # displaced by the strain when stress is asked for
         cells = batch["cell"].view(-1, 3, 3)
@@ -137,6 +161,22 @@ class Member(torch.nn.Module):
         if "field" in batch:  # uniform field (V/Å), finite systems only
             energy = energy - (mu * batch["field"].to(mu.dtype)).sum(-1)
 
+        if self.heads > 1:
+            # the heads differ only in their local energy: their force deviations from the mean are
+            # the gradients of H−1 orthonormal contrasts, taken in one batched backward pass
+            contrast = self.contrasts @ local_heads  # [H−1, g]
+            grads = torch.autograd.grad(
+                contrast.sum(-1),
+                batch["positions"],
+                grad_outputs=torch.eye(self.heads - 1, dtype=contrast.dtype, device=contrast.device),
+                is_grads_batched=True,
+                retain_graph=True,
+                create_graph=training,
+                allow_unused=True,
+            )[0]
+            if grads is None:  # no edges: positions do not enter the local energy
+                grads = torch.zeros(self.heads - 1, *positions.shape, dtype=positions.dtype, device=positions.device)
+            shared = energy - local_heads.mean(0)  # [g] Coulomb and field terms, the same for every head
         forces, _, stress, _, _ = get_outputs(
             energy=energy,
             positions=batch["positions"],
@@ -148,8 +188,8 @@ class Member(torch.nn.Module):
             compute_stress=compute_stress,
         )
         result = {
-            "energy": energy,  # [g] eV
-            "forces": forces,  # [n, 3] eV/Å
+            "energy": energy,  # [g] eV, the heads' mean
+            "forces": forces,  # [n, 3] eV/Å, −∂energy/∂r
             "charges": charges,  # [n] e
             "spins": spins,  # [n] α − β populations
             "dipole": mu,  # [g, 3] e·Å about the centre of mass (0 for periodic structures)
@@ -157,4 +197,8 @@ class Member(torch.nn.Module):
         }
         if compute_stress:
             result["stress"] = stress  # [g, 3, 3] eV/Å^3
+        if self.heads > 1:
+            result["energy_heads"] = local_heads + shared[None]  # [H, g] eV
+            # −∂E_k/∂r = F_mean − Σ_j C_jk ∂(C E)_j/∂r, since E_k − Ē = Σ_j C_jk (C E)_j
+            result["forces_heads"] = forces[None] - torch.einsum("jk,jna->kna", self.contrasts, grads)  # [H, n, 3]
         return result
