@@ -37,7 +37,7 @@ def stage(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
 
 CAPTION = (
     "labels: reference labels so far; picked: frames selected this iteration; E, F: test-set RMSE "
-    "of energy per atom and forces; σF: committee force spread (eV/Å) over explored frames"
+    "of energy per atom and forces; σF: calibrated per-atom force spread (predicted error, eV/Å) over explored frames"
 )
 
 

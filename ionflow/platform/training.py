@@ -220,8 +220,8 @@ def _loss(
 
 
 def _head_parameters(committee: Ensemble) -> list[torch.nn.Parameter]:
-    """The parameters in which a shallow ensemble's heads differ: its last readout layer."""
-    return list(committee.member.state[-1].parameters())
+    """The parameters in which a shallow ensemble's heads differ: their readouts."""
+    return list(committee.member.state.parameters())
 
 
 def _step(committee: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights) -> float:

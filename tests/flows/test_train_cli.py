@@ -76,6 +76,33 @@ def test_train_writes_a_model_that_loads_as_a_calculator(tmp_path, labelled_fram
     assert atoms.get_dipole_moment().shape == (3,)
 
 
+def test_train_a_shallow_ensemble(tmp_path, labelled_frames):
+    from ionflow.platform.model import ShallowEnsemble
+
+    data = write_dataset(tmp_path / "data.extxyz", labelled_frames)
+    model = tmp_path / "shallow.pt"
+    args = [
+        "train", str(data), "-o", str(model), "--config", str(write_config(tmp_path / "model.yaml")),
+        "--uncertainty", "shallow", "--ensemble-size", "5", "--epochs", "4", "--valid-fraction", "0.25",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "uncertainty calibration" in result.output
+    calc = ionflow.load_calculator(model)
+    assert isinstance(calc.committee, ShallowEnsemble) and calc.committee.member.heads == 5
+    atoms = hydronium()
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    assert calc.results["forces_uncertainty"].shape == (4,) and np.all(calc.results["forces_uncertainty"] > 0)
+
+
+def test_train_refuses_an_unknown_uncertainty_kind(tmp_path, labelled_frames):
+    data = write_dataset(tmp_path / "data.extxyz", labelled_frames)
+    result = runner.invoke(app, ["train", str(data), "-o", str(tmp_path / "m.pt"), "--uncertainty", "dropout"])
+    assert result.exit_code == 2
+    assert "uncertainty" in result.output and not (tmp_path / "m.pt").exists()
+
+
 def _frame_without_labels(path, labelled_frames):
     frames, _ = labelled_frames
     write_dataset(path, labelled_frames)

@@ -46,6 +46,52 @@ def scalar_feature_index(backbone: ScaleShiftMACE) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
+class Heads(torch.nn.Module):
+    """K independent two-layer readouts of one input, evaluated together: (n, n_in) -> (n, K)."""
+
+    def __init__(self, n_in: int, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(n_in, hidden * heads)
+        self.weight = torch.nn.Parameter(torch.randn(heads, hidden) * 0.1 / hidden**0.5)  # small: heads start apart
+        self.bias = torch.nn.Parameter(torch.zeros(heads))
+        self.heads, self.hidden = heads, hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.first(x)).view(-1, self.heads, self.hidden)
+        return torch.einsum("nkh,kh->nk", h, self.weight) + self.bias
+
+
+# Up to this many edges the heads' contrast gradients go through one vmapped backward pass
+# (about 2x one pass for 3 contrasts on small batches); beyond it one pass per contrast is faster.
+_BATCHED_EDGES = 4000
+
+
+def _gradients(outputs: torch.Tensor, positions: torch.Tensor, training: bool, batched: bool) -> torch.Tensor:
+    """Gradients (m, n, 3) of each of the m scalars in ``outputs`` with respect to ``positions``."""
+    m = outputs.shape[0]
+    grads = None
+    if batched and m > 1:
+        eye = torch.eye(m, dtype=outputs.dtype, device=outputs.device)
+        try:
+            grads = torch.autograd.grad(
+                outputs, positions, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                create_graph=training, allow_unused=True,
+            )[0]
+        except RuntimeError:
+            # some of MACE's TorchScript kernels lack vmap rules on some graphs ("Batching rule not
+            # implemented for aten::detach"): the graph is retained, so one pass per output still works
+            batched = False
+    if not batched or m == 1:
+        rows = [
+            torch.autograd.grad(outputs[j], positions, retain_graph=True, create_graph=training, allow_unused=True)[0]
+            for j in range(m)
+        ]
+        grads = None if any(r is None for r in rows) else torch.stack(rows)
+    if grads is None:  # no edges: positions do not enter the local energy
+        return torch.zeros(m, *positions.shape, dtype=positions.dtype, device=positions.device)
+    return grads
+
+
 def _helmert(k: int) -> torch.Tensor:
     """(k−1, k) orthonormal rows, each summing to zero: a basis of deviations from the mean."""
     rows = torch.zeros(k - 1, k, dtype=torch.float64)
@@ -82,15 +128,13 @@ class Member(torch.nn.Module):
         n_s = int(self.scalars.numel()) + len(z_table)
         hidden = 16
         # node energy from the features and the structure's charge state: E depends on Q and M.
-        # With several heads (a shallow ensemble) only this last linear layer differs between
-        # heads; it starts small and random so that the heads start apart, else at zero.
-        self.state = _mlp(n_s + 2, hidden, self.heads).to(dtype)
-        torch.nn.init.zeros_(self.state[-1].bias)
+        # A shallow ensemble has K such readouts (:class:`Heads`) on the shared backbone.
         if self.heads == 1:
+            self.state = _mlp(n_s + 2, hidden, 1).to(dtype)
             torch.nn.init.zeros_(self.state[-1].weight)
+            torch.nn.init.zeros_(self.state[-1].bias)
         else:
-            torch.nn.init.normal_(self.state[-1].weight, std=0.1 / hidden**0.5)
-        if self.heads > 1:  # orthonormal contrasts: rows span the heads' deviations from their mean
+            self.state = Heads(n_s + 2, hidden, self.heads).to(dtype)  # orthonormal contrasts: rows span the heads' deviations from their mean
             self.register_buffer("contrasts", _helmert(self.heads).to(dtype), persistent=False)
         if self.mode != "none":
             self.charge_head = _mlp(n_s, hidden, 4).to(dtype)  # q⁰_α, q⁰_β, f_α, f_β
@@ -161,32 +205,28 @@ class Member(torch.nn.Module):
         if "field" in batch:  # uniform field (V/Å), finite systems only
             energy = energy - (mu * batch["field"].to(mu.dtype)).sum(-1)
 
+        stress = None
         if self.heads > 1:
             # the heads differ only in their local energy: their force deviations from the mean are
-            # the gradients of H−1 orthonormal contrasts, taken in one batched backward pass
-            contrast = self.contrasts @ local_heads  # [H−1, g]
-            grads = torch.autograd.grad(
-                contrast.sum(-1),
-                batch["positions"],
-                grad_outputs=torch.eye(self.heads - 1, dtype=contrast.dtype, device=contrast.device),
-                is_grads_batched=True,
-                retain_graph=True,
-                create_graph=training,
-                allow_unused=True,
-            )[0]
-            if grads is None:  # no edges: positions do not enter the local energy
-                grads = torch.zeros(self.heads - 1, *positions.shape, dtype=positions.dtype, device=positions.device)
+            # the gradients of H−1 orthonormal contrasts; without stress, the mean energy's gradient
+            # joins them in one batched backward pass
             shared = energy - local_heads.mean(0)  # [g] Coulomb and field terms, the same for every head
-        forces, _, stress, _, _ = get_outputs(
-            energy=energy,
-            positions=batch["positions"],
-            cell=batch["cell"],
-            displacement=out["displacement"] if compute_stress else None,
-            training=training,
-            compute_force=True,
-            compute_virials=False,
-            compute_stress=compute_stress,
-        )
+            contrast = (self.contrasts @ local_heads).sum(-1)  # [H−1]
+            rows = contrast if compute_stress else torch.cat([energy.sum()[None], contrast])
+            grads = _gradients(rows, batch["positions"], training, batched=batch["edge_index"].shape[1] <= _BATCHED_EDGES)
+            if not compute_stress:
+                forces, grads = -grads[0], grads[1:]
+        if self.heads == 1 or compute_stress:
+            forces, _, stress, _, _ = get_outputs(
+                energy=energy,
+                positions=batch["positions"],
+                cell=batch["cell"],
+                displacement=out["displacement"] if compute_stress else None,
+                training=training,
+                compute_force=True,
+                compute_virials=False,
+                compute_stress=compute_stress,
+            )
         result = {
             "energy": energy,  # [g] eV, the heads' mean
             "forces": forces,  # [n, 3] eV/Å, −∂energy/∂r
