@@ -102,10 +102,6 @@ def _helmert(k: int) -> torch.Tensor:
     return rows
 
 
-def _per_structure(values: torch.Tensor, batch: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, batch, values)
-
-
 class Member(torch.nn.Module):
     """MACE backbone with an electrostatic head (see the module docstring)."""
 
@@ -134,7 +130,8 @@ class Member(torch.nn.Module):
             torch.nn.init.zeros_(self.state[-1].weight)
             torch.nn.init.zeros_(self.state[-1].bias)
         else:
-            self.state = Heads(n_s + 2, hidden, self.heads).to(dtype)  # orthonormal contrasts: rows span the heads' deviations from their mean
+            self.state = Heads(n_s + 2, hidden, self.heads).to(dtype)
+            # orthonormal contrasts: their rows span the heads' deviations from the mean
             self.register_buffer("contrasts", _helmert(self.heads).to(dtype), persistent=False)
         if self.mode != "none":
             self.charge_head = _mlp(n_s, hidden, 4).to(dtype)  # q⁰_α, q⁰_β, f_α, f_β
