@@ -120,12 +120,20 @@ def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> Non
         summary = campaign_flow(str(config))
     except KeyboardInterrupt:
         _exit_interrupted()
-    console.print(f"\n[bold green]done[/] in {time.perf_counter() - start:.0f} s: {summary['stop_reason']}")
+    stopped = summary["status"] == "stopped"
+    head = "[bold yellow]stopped[/]" if stopped else "[bold green]done[/]"
+    console.print(f"\n{head} in {time.perf_counter() - start:.0f} s: {summary['stop_reason']}")
+    counts = summary["calculations"]
+    if counts:
+        outcome = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        console.print(f"  reference {outcome}" + (" (the rows' error column says why)" if set(counts) - {"ok"} else ""))
     console.print(f"  model     {summary['model']}")
     console.print(f"  dataset   {summary['dataset']}  (REF_energy / REF_forces, eV and eV/Å)")
     console.print(f"  test set  {summary['test_set']}")
     console.print(f"  database  {summary['database_url']}")
     console.print(f"  folder    {summary['folder']}")
+    if stopped:
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -134,7 +142,13 @@ def status(
     name: str | None = typer.Option(None, help="Campaign name (default: the file's, or the only one)."),
 ) -> None:
     """Print a campaign's iterations from its database."""
-    from ionflow.db import Campaign, iteration_table, make_engine, session_factory, session_scope
+    from ionflow.db import (
+        Campaign,
+        iteration_table,
+        make_engine,
+        session_factory,
+        session_scope,
+    )
     from ionflow.flows.report import console
     from ionflow.flows.report import iteration_table as render
 
@@ -207,10 +221,15 @@ def train(
         _fail(f"{data}: {problem}")
 
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from ionflow.platform.model import save_model
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     out = Console(highlight=False)
     labelled = any("REF_dipole" in a.info or "REF_charges" in a.arrays for a in frames)
@@ -233,6 +252,118 @@ def train(
               f"force spread × {calibration['forces']:.3g}")
     out.print(f"[bold green]saved[/] {output}  (best epoch {report.best_epoch + 1}/{report.epochs}, "
               f"{report.wall_time_s:.1f} s)")
+
+
+def _label_settings(settings_file: Path | None, assignments: list[str]) -> dict:
+    """Adapter settings from a YAML mapping (or a campaign file's ``reference.settings``) and
+    ``key=value`` options (values read as YAML; ``a.b=v`` sets a nested key)."""
+    import yaml
+
+    settings: dict = {}
+    if settings_file is not None:
+        if not settings_file.is_file():
+            _fail(f"{settings_file}: no such settings file")
+        try:
+            raw = yaml.safe_load(settings_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            _fail(f"{settings_file}: not valid YAML: {exc}")
+        if not isinstance(raw, dict):
+            _fail(f"{settings_file}: expected a mapping of adapter settings")
+        if isinstance(raw.get("reference"), dict):  # a campaign file
+            raw = raw["reference"].get("settings") or {}
+        settings = raw
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--set {item!r}: expected key=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        target = settings
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                _fail(f"--set {item!r}: {part} is not a mapping")
+        target[leaf] = parsed
+    return settings
+
+
+@app.command()
+def label(
+    structures: Path = typer.Argument(..., help="Structures to label (extxyz or any ASE-readable file); charge and "
+                                      "multiplicity from each frame's info (default 0 and 1)."),
+    output: Path = typer.Argument(..., help="Labelled structures to write (extxyz): REF_energy (eV), REF_forces "
+                                  "(eV/Å) and what else the code gives."),
+    adapter: str = typer.Option(..., "--adapter", "-a", help="Reference adapter: pyscf, tblite or ase."),
+    settings_file: Path | None = typer.Option(None, "--settings", help="YAML with the adapter's settings (or a campaign file)."),
+    assignments: list[str] = typer.Option([], "--set", help="One setting as key=value (repeatable; a.b=v for nested keys)."),
+    workers: int = typer.Option(1, min=1, help="Calculations at once."),
+    threads: int | None = typer.Option(None, min=1, help="Threads per calculation (default: cores / workers)."),
+    timeout: float | None = typer.Option(None, min=0.001, help="Seconds one calculation may take before it is killed."),
+    runs: Path | None = typer.Option(None, help="Folder of the run folders (default: OUTPUT's name + '-runs')."),
+) -> None:
+    """Label structures with a reference code, outside any campaign.
+
+    Every calculation keeps its files in a run folder. Failed, timed-out and unconverged
+    structures are listed and written to OUTPUT-failed.extxyz (with the reason in
+    label_error); running the same command again reuses every label already made and tries
+    the failed ones again. Exit status 3 when any structure has no label.
+    """
+    from ionflow.dft_adapters import ADAPTER_NAMES, settings_model
+
+    if adapter not in ADAPTER_NAMES:
+        _fail(f"unknown adapter {adapter!r}; known: {', '.join(ADAPTER_NAMES)}")
+    settings = _label_settings(settings_file, assignments)
+    from pydantic import ValidationError
+
+    from ionflow.config import _first_errors
+
+    try:
+        settings = settings_model(adapter).model_validate(settings).model_dump(mode="json")
+    except ValidationError as exc:
+        _fail(f"settings for adapter {adapter!r}: {_first_errors(exc)}")
+    if not structures.is_file():
+        _fail(f"{structures}: no such file")
+    from ionflow.platform.structures import read_structures
+
+    try:
+        frames = read_structures(structures)
+    except Exception as exc:  # ASE raises many types for unreadable files
+        _fail(f"{structures}: cannot read structures: {exc}")
+    if not frames:
+        _fail(f"{structures}: no structures")
+    from ionflow.dft_adapters.labelfile import label_file
+
+    try:
+        outcome = label_file(
+            frames, output, adapter, settings, runs=runs, workers=workers, threads=threads, timeout_s=timeout,
+            progress=_progress_bar(f"labelling {len(frames)} structures with {adapter} on {workers} worker(s)"),
+        )
+    except ValueError as exc:  # bad structures: refused before any calculation
+        _fail(str(exc))
+    out = Console(highlight=False)
+    out.print(outcome.summary())
+    if outcome.failures:
+        out.print(outcome.failure_table())
+        raise typer.Exit(3)
+
+
+def _progress_bar(description: str):
+    """A progress callback ``(done, total)`` drawing a transient bar on stderr, as a context manager."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextmanager
+    def bar():
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            task = progress.add_task(description, total=None)
+            yield lambda done, total: progress.update(task, completed=done, total=total)
+
+    return bar()
 
 
 def _fail(message: str) -> NoReturn:

@@ -122,8 +122,20 @@ class SystemConfig(Strict):
 class ReferenceConfig(Strict):
     """The reference method that labels structures."""
 
-    adapter: str = Field("pyscf", description="Reference adapter: 'pyscf' or 'tblite'.")
+    adapter: str = Field("pyscf", description="Reference adapter: 'pyscf', 'tblite' or 'ase' (any ASE calculator).")
     settings: dict[str, Any] = Field(default_factory=dict, description="Adapter settings (level of theory).")
+    workers: int = Field(1, ge=1, le=256, description="Calculations run at once (worker processes).")
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="Threads of each calculation; default: the cores divided among the workers."
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Wall-time limit of one calculation in s; past it the calculation is killed "
+        "and recorded as 'timeout'. None: no limit."
+    )
+    max_failure_ratio: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop the campaign, with a report, once more than this share of its "
+        "reference calculations failed, timed out or did not converge."
+    )
 
     @model_validator(mode="after")
     def _valid_settings(self) -> ReferenceConfig:
@@ -170,8 +182,9 @@ class ModelConfig(Strict):
     @field_validator("hidden_irreps", "mlp_irreps")
     @classmethod
     def _irreps(cls, value: str) -> str:
-        import ionflow.platform.model._mace  # noqa: F401  (mace before e3nn)
         from e3nn import o3
+
+        import ionflow.platform.model._mace  # noqa: F401  (mace before e3nn)
 
         try:
             o3.Irreps(value)
@@ -304,7 +317,13 @@ class CampaignConfig(Strict):
 
     def science_hash(self) -> str:
         """Hash of everything that changes what the campaign computes (not where it writes)."""
-        data = self.model_dump(mode="json", exclude={"workdir", "database_url", "iterations", "max_labels"})
+        data = self.model_dump(
+            mode="json",
+            exclude={
+                "workdir": True, "database_url": True, "iterations": True, "max_labels": True,
+                "reference": {"workers", "threads_per_worker", "timeout_s", "max_failure_ratio"},
+            },
+        )
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

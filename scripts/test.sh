@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install-cp2k.sh  # CP2K for the ase adapter's tests (Debian package)
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec .venv/bin/python -m pytest -q "$@"

@@ -30,8 +30,20 @@ from ionflow.db.models import (
     utcnow,
 )
 from ionflow.db.objects import ObjectStore, sha256_file
-from ionflow.db.queries import campaign_by_name, find_calculation, iteration_table, model_lineage
-from ionflow.db.session import make_engine, session_factory, session_scope, sqlite_url, upgrade
+from ionflow.db.queries import (
+    calculation_outcomes,
+    campaign_by_name,
+    find_calculation,
+    iteration_table,
+    model_lineage,
+)
+from ionflow.db.session import (
+    make_engine,
+    session_factory,
+    session_scope,
+    sqlite_url,
+    upgrade,
+)
 
 __all__ = [
     "CALCULATION_STATUSES",
@@ -48,6 +60,7 @@ __all__ = [
     "SelectionDecision",
     "Structure",
     "TrainingMember",
+    "calculation_outcomes",
     "campaign_by_name",
     "find_calculation",
     "iteration_table",

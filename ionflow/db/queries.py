@@ -49,6 +49,50 @@ def asked_to_label(campaign_id: int) -> ColumnElement[bool]:
     return or_(CampaignStructure.origin.not_in(CANDIDATE_ORIGINS), CampaignStructure.structure_id.in_(chosen_here))
 
 
+def calculation_outcomes(
+    session: Session, campaign_id: int, settings_hash: str, failures: int = 50
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """How the campaign's reference calculations at one level of theory ended: counts per
+    status, and the first ``failures`` ones that did not end ``ok`` (structure, status, error,
+    run folder, iteration), oldest first. Two queries."""
+    mine = (
+        select(Calculation.id)
+        .join(CampaignStructure, CampaignStructure.structure_id == Calculation.structure_id)
+        .where(
+            CampaignStructure.campaign_id == campaign_id,
+            asked_to_label(campaign_id),
+            Calculation.settings_hash == settings_hash,
+        )
+    )
+    counts = dict(
+        session.execute(
+            select(Calculation.status, func.count()).where(Calculation.id.in_(mine)).group_by(Calculation.status)
+        ).all()
+    )
+    rows = session.execute(
+        select(Calculation, Structure.hash, Iteration.index)
+        .join(Structure, Calculation.structure_id == Structure.id)
+        .outerjoin(Iteration, Calculation.iteration_id == Iteration.id)
+        .where(Calculation.id.in_(mine), Calculation.status != "ok")
+        .order_by(Calculation.id)
+        .limit(failures)
+    ).all()
+    listed = [
+        {
+            "calculation_id": calc.id,
+            "structure_id": calc.structure_id,
+            "structure_hash": hash_,
+            "iteration": index,
+            "status": calc.status,
+            "error": calc.error,
+            "run_dir": calc.run_dir,
+            "wall_time_s": calc.wall_time_s,
+        }
+        for calc, hash_, index in rows
+    ]
+    return counts, listed
+
+
 def campaign_by_name(session: Session, name: str) -> Campaign | None:
     """The campaign called ``name``, or None."""
     return session.scalars(select(Campaign).where(Campaign.name == name)).one_or_none()

@@ -8,6 +8,7 @@ in one transaction (all or nothing when a process dies).
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -15,10 +16,22 @@ from ase import Atoms
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ionflow.db.models import Calculation, Campaign, CampaignStructure, Iteration, Structure, utcnow
+from ionflow.db.models import (
+    Calculation,
+    Campaign,
+    CampaignStructure,
+    Iteration,
+    Structure,
+    utcnow,
+)
 from ionflow.db.objects import ObjectStore
 from ionflow.db.queries import asked_to_label
-from ionflow.platform.structures import charge_of, labelled_copy, multiplicity_of, structure_hash
+from ionflow.platform.structures import (
+    charge_of,
+    labelled_copy,
+    multiplicity_of,
+    structure_hash,
+)
 
 
 class CampaignMismatch(ValueError):
@@ -116,6 +129,17 @@ def calculation_for(session: Session, structure_id: int, settings_hash: str) -> 
     )
 
 
+def _as_run(settings: dict[str, Any], result: Any) -> dict[str, Any]:
+    """The settings as the calculation ran them: with its charge scheme, and what its run did
+    (SCF attempts, retries with changed settings), when the adapter says."""
+    out = dict(settings)
+    if result.charge_scheme:
+        out["charge_scheme"] = result.charge_scheme
+    if result.extra:
+        out["run"] = json.loads(json.dumps(result.extra, default=str))
+    return out
+
+
 def record_calculation(
     session: Session,
     store: ObjectStore,
@@ -139,7 +163,7 @@ def record_calculation(
         adapter=adapter,
         code_version=f"{result.code} {result.code_version}",
         settings_hash=result.settings_hash,
-        settings=dict(settings, charge_scheme=result.charge_scheme) if result.charge_scheme else dict(settings),
+        settings=_as_run(settings, result),
         status=result.status,
         energy=result.energy if result.status == "ok" else None,
         results_path=results_path,
@@ -166,6 +190,7 @@ def labelled_atoms(store: ObjectStore, structure: Structure, calculation: Calcul
     out = labelled_copy(atoms, calculation.energy, arrays["forces"], **extra)
     out.info["structure_hash"] = structure.hash
     out.info["calculation_id"] = calculation.id
+    out.info["settings_hash"] = calculation.settings_hash
     return out
 
 

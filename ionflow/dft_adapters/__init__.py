@@ -22,6 +22,7 @@ __all__ = [
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "pyscf": ("ionflow.dft_adapters.pyscf_adapter", "PySCFAdapter", "PySCFSettings"),
     "tblite": ("ionflow.dft_adapters.tblite_adapter", "TBLiteAdapter", "TBLiteSettings"),
+    "ase": ("ionflow.dft_adapters.ase_adapter", "ASEAdapter", "ASESettings"),
 }
 
 ADAPTER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -40,7 +41,18 @@ def settings_model(name: str) -> type[BaseModel]:
     return getattr(module, settings_cls)
 
 
-def get_adapter(name: str, settings: dict[str, Any] | None = None) -> ReferenceAdapter:
-    """A ready adapter ``name`` with validated ``settings`` (defaults when None)."""
+def get_adapter(
+    name: str, settings: dict[str, Any] | None = None, timeout_s: float | None = None, num_threads: int | None = None
+) -> ReferenceAdapter:
+    """A ready adapter ``name`` with validated ``settings`` (defaults when None).
+
+    ``timeout_s`` and ``num_threads`` go to adapters that run each calculation in a child
+    process of their own (``isolated``), which enforce them; for the others the labelling
+    pool (:mod:`ionflow.dft_adapters.pool`) enforces them on its worker processes.
+    """
     module, adapter_cls, settings_cls = _lookup(name)
-    return getattr(module, adapter_cls)(getattr(module, settings_cls)(**(settings or {})))
+    cls = getattr(module, adapter_cls)
+    settings_obj = getattr(module, settings_cls)(**(settings or {}))
+    if getattr(cls, "isolated", False):
+        return cls(settings_obj, timeout_s=timeout_s, num_threads=num_threads)
+    return cls(settings_obj)

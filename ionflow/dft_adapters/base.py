@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,11 +68,81 @@ class ReferenceAdapter(Protocol):
 
     name: str
     settings_hash: str
+    #: True when each calculation already runs in its own child process (the adapter enforces
+    #: its own timeout); False when it runs in the calling process.
+    isolated: bool
+
+    @property
+    def code_version(self) -> str:
+        """Version of the code that computes (the compiled library's or the program's)."""
+        ...
+
+    def check(self, structures: list[Atoms]) -> None:
+        """Raise ``ValueError`` naming every structure this adapter cannot label, before any work."""
+        ...
 
     def label(self, structures: list[Atoms], run_dirs: Sequence[Path] | None = None) -> list[LabelResult]:
         """Label each structure (keeping its files in ``run_dirs``, one folder each, when given);
         a failure becomes a result with its status, never an exception."""
         ...
+
+
+class InProcessAdapter:
+    """Shared machinery of adapters that compute in the calling process (PySCF, tblite).
+
+    A subclass sets ``name``, ``code_version`` and ``_compute(atoms, run_dir) -> fields``;
+    this class checks the batch up front, times each calculation, turns any exception into
+    a ``failed`` result and keeps the run folder.
+    """
+
+    name: str
+    settings_hash: str
+    isolated = False
+
+    def check(self, structures: list[Atoms]) -> None:
+        check_charge_states(structures)
+
+    def label(self, structures: list[Atoms], run_dirs: Sequence[Path] | None = None) -> list[LabelResult]:
+        self.check(structures)
+        dirs = check_run_dirs(structures, run_dirs)
+        return [self._label_one(atoms, run_dir) for atoms, run_dir in zip(structures, dirs)]
+
+    def _label_one(self, atoms: Atoms, run_dir: Path | None) -> LabelResult:
+        start = time.perf_counter()
+        if run_dir is not None:
+            start_run_dir(run_dir, atoms)
+        try:
+            fields = self._compute(atoms, run_dir)
+        except Exception as exc:  # noqa: BLE001  any failure of the code becomes the result's status
+            fields = {"status": self._status_of(exc), "error": error_line(exc)}
+        result = self.result(wall_time_s=time.perf_counter() - start, run_dir=run_dir, **fields)
+        if run_dir is not None:
+            finish_run_dir(run_dir, result)
+        return result
+
+    def _status_of(self, exc: Exception) -> Status:
+        """The status of a calculation that raised ``exc`` (``failed`` unless a subclass knows better)."""
+        return "failed"
+
+    def _compute(self, atoms: Atoms, run_dir: Path | None) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} does not define _compute")
+
+    def result(self, wall_time_s: float, run_dir: Path | None, **fields: Any) -> LabelResult:
+        """A :class:`LabelResult` stamped with this adapter's code, version, settings hash and host."""
+        return make_result(self, wall_time_s, run_dir, **fields)
+
+
+def make_result(adapter: Any, wall_time_s: float, run_dir: Path | None, **fields: Any) -> LabelResult:
+    """A :class:`LabelResult` of ``adapter`` (code, version, settings hash, this host) with ``fields``."""
+    return LabelResult(
+        code=fields.pop("code", adapter.name),
+        code_version=fields.pop("code_version", None) or adapter.code_version,
+        settings_hash=adapter.settings_hash,
+        wall_time_s=wall_time_s,
+        host=socket.gethostname(),
+        run_dir=str(run_dir) if run_dir is not None else None,
+        **fields,
+    )
 
 
 def check_charge_states(structures: list[Atoms]) -> None:
@@ -120,5 +192,6 @@ def finish_run_dir(run_dir: Path, result: LabelResult) -> None:
         "code_version": result.code_version,
         "settings_hash": result.settings_hash,
         "host": result.host,
+        "extra": result.extra,
     }
-    (run_dir / "result.json").write_text(json.dumps(record, indent=2))
+    (run_dir / "result.json").write_text(json.dumps(record, indent=2, default=str))

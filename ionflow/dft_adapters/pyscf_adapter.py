@@ -11,8 +11,6 @@ molecule the dipole does not depend on the origin; for a charged one it shifts b
 
 from __future__ import annotations
 
-import socket
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,13 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pyscf import dft, gto, lib
 
 from ionflow.dft_adapters.base import (
+    InProcessAdapter,
     LabelResult,
     check_charge_states,
-    check_run_dirs,
-    error_line,
-    finish_run_dir,
     settings_hash,
-    start_run_dir,
 )
 from ionflow.platform.structures import charge_of, multiplicity_of
 
@@ -47,6 +42,8 @@ RETRY_DAMPED_CYCLES = 8
 #: ... and at most this many times ``max_cycle`` iterations, so that a small ``max_cycle``
 #: keeps the whole calculation short (the retry is bounded by the user's setting).
 RETRY_CYCLE_FACTOR = 2
+#: ... and, that failing too, the same again from a superposition of atomic densities.
+RETRY_GUESS = "atom"
 
 
 class PySCFSettings(BaseModel):
@@ -94,7 +91,7 @@ def basis_problem(basis: str, symbols: set[str]) -> str | None:
     return None
 
 
-class PySCFAdapter:
+class PySCFAdapter(InProcessAdapter):
     """Labels molecules with PySCF Kohn-Sham DFT (RKS for singlets, UKS otherwise)."""
 
     name = "pyscf"
@@ -105,6 +102,20 @@ class PySCFAdapter:
         self.settings = settings
         self.settings_hash = settings_hash(self.name, settings.model_dump(exclude=set(RUNTIME_ONLY)))
 
+    @property
+    def code_version(self) -> str:
+        return pyscf.__version__
+
+    def check(self, structures: list[Atoms]) -> None:
+        """Refuse periodic structures and impossible charge states before computing anything."""
+        periodic = [i for i, atoms in enumerate(structures) if np.any(atoms.pbc)]
+        if periodic:
+            raise ValueError(
+                f"structures {periodic} are periodic: the PySCF adapter handles molecules only; "
+                "use the tblite adapter, or CP2K through the ase adapter, for periodic systems"
+            )
+        check_charge_states(structures)
+
     def label(self, structures: list[Atoms], run_dirs: Sequence[Path] | None = None) -> list[LabelResult]:
         """Energy, forces, dipole and atomic charges of each molecule.
 
@@ -113,37 +124,8 @@ class PySCFAdapter:
         Raises ``ValueError`` before computing anything when a structure is periodic or its
         charge/multiplicity is inconsistent; any other problem becomes that structure's status.
         """
-        periodic = [i for i, atoms in enumerate(structures) if np.any(atoms.pbc)]
-        if periodic:
-            raise ValueError(
-                f"structures {periodic} are periodic: the PySCF adapter handles molecules only; "
-                "periodic systems (pyscf.pbc) are not supported yet"
-            )
-        check_charge_states(structures)
-        dirs = check_run_dirs(structures, run_dirs)
         with lib.with_omp_threads(self.settings.num_threads):  # None: leave as is
-            return [self._label_one(atoms, run_dir) for atoms, run_dir in zip(structures, dirs)]
-
-    def _label_one(self, atoms: Atoms, run_dir: Path | None) -> LabelResult:
-        start = time.perf_counter()
-        if run_dir is not None:
-            start_run_dir(run_dir, atoms)
-        try:
-            fields = self._compute(atoms, run_dir)
-        except Exception as exc:
-            fields = {"status": "failed", "error": error_line(exc)}
-        result = LabelResult(
-            code=self.name,
-            code_version=pyscf.__version__,
-            settings_hash=self.settings_hash,
-            wall_time_s=time.perf_counter() - start,
-            host=socket.gethostname(),
-            run_dir=str(run_dir) if run_dir is not None else None,
-            **fields,
-        )
-        if run_dir is not None:
-            finish_run_dir(run_dir, result)
-        return result
+            return super().label(structures, run_dirs)
 
     def _compute(self, atoms: Atoms, run_dir: Path | None = None) -> dict[str, Any]:
         s = self.settings
@@ -178,9 +160,8 @@ class PySCFAdapter:
         mf.conv_tol = s.conv_tol
         mf.max_cycle = s.max_cycle
         mf.kernel()
-
-        retried = not mf.converged
-        if retried:
+        attempts = ["plain"]
+        if not mf.converged:
             # Restart from the last density with a level shift and early damping; the
             # converged energy does not depend on either.
             mf.level_shift = RETRY_LEVEL_SHIFT
@@ -188,13 +169,21 @@ class PySCFAdapter:
             mf.diis_start_cycle = RETRY_DAMPED_CYCLES
             mf.max_cycle = RETRY_CYCLE_FACTOR * s.max_cycle
             mf.kernel(dm0=mf.make_rdm1())
+            attempts.append("level shift + damping from the last density")
+        if not mf.converged:
+            # A different starting point: superposition of atomic densities instead of MINAO.
+            mf.init_guess = RETRY_GUESS
+            mf.kernel()
+            attempts.append(f"level shift + damping from the {RETRY_GUESS!r} initial guess")
         if not mf.converged:
             return {
                 "status": "unconverged",
                 "error": (
                     f"SCF not converged in {s.max_cycle} cycles, nor in {mf.max_cycle} more with level "
-                    f"shift {RETRY_LEVEL_SHIFT} Ha and damping {RETRY_DAMP} (conv_tol {s.conv_tol} Ha)"
+                    f"shift {RETRY_LEVEL_SHIFT} Ha and damping {RETRY_DAMP} from the last density or from "
+                    f"the {RETRY_GUESS!r} initial guess (conv_tol {s.conv_tol} Ha)"
                 ),
+                "extra": {"scf_attempts": attempts},
             }
 
         gradient = mf.nuc_grad_method().kernel()  # (n_atoms, 3) Ha/Bohr
@@ -212,7 +201,8 @@ class PySCFAdapter:
             "charge_scheme": s.charge_scheme,
             "extra": {
                 "scf": "RKS" if multiplicity == 1 else "UKS",
-                "scf_retry": retried,
+                "scf_retry": len(attempts) > 1,
+                "scf_attempts": attempts,
                 "dipole_origin_A": [0.0, 0.0, 0.0],
             },
         }

@@ -11,9 +11,6 @@ structure's own Cartesian frame, so for an ion it moves by ``charge * shift`` wi
 
 from __future__ import annotations
 
-import socket
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,15 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tblite import library
 from tblite.interface import Calculator
 
-from ionflow.dft_adapters.base import (
-    LabelResult,
-    check_charge_states,
-    check_run_dirs,
-    error_line,
-    finish_run_dir,
-    settings_hash,
-    start_run_dir,
-)
+from ionflow.dft_adapters.base import InProcessAdapter, settings_hash
 from ionflow.platform.structures import charge_of, multiplicity_of
 
 #: Settings that change how a calculation runs, not what it computes: left out of the hash.
@@ -57,7 +46,7 @@ class TBLiteSettings(BaseModel):
     verbosity: int = Field(0, ge=0, description="tblite printout level (0 silent).")
 
 
-class TBLiteAdapter:
+class TBLiteAdapter(InProcessAdapter):
     """Labels molecules and periodic cells with tblite's GFN-xTB."""
 
     name = "tblite"
@@ -68,44 +57,15 @@ class TBLiteAdapter:
         self.settings = settings
         self.settings_hash = settings_hash(self.name, settings.model_dump(exclude=set(RUNTIME_ONLY)))
 
-    def label(self, structures: list[Atoms], run_dirs: Sequence[Path] | None = None) -> list[LabelResult]:
-        """Energy, forces, charges, and dipole (molecules) or stress (3D cells) of each structure.
+    @property
+    def code_version(self) -> str:
+        return ".".join(map(str, library.get_version()))  # the compiled library's
 
-        With ``run_dirs`` (one folder per structure) each calculation keeps its input
-        structure and a ``result.json`` there.
+    def _status_of(self, exc: Exception) -> str:
+        # TBLiteRuntimeError (a RuntimeError) is also what a failed SCC raises
+        return "unconverged" if isinstance(exc, RuntimeError) and "not converged" in str(exc) else "failed"
 
-        Raises ``ValueError`` before computing anything when a charge/multiplicity is
-        inconsistent; any other problem becomes that structure's status.
-        """
-        check_charge_states(structures)
-        dirs = check_run_dirs(structures, run_dirs)
-        return [self._label_one(atoms, run_dir) for atoms, run_dir in zip(structures, dirs)]
-
-    def _label_one(self, atoms: Atoms, run_dir: Path | None = None) -> LabelResult:
-        start = time.perf_counter()
-        if run_dir is not None:
-            start_run_dir(run_dir, atoms)
-        try:
-            fields = self._compute(atoms)
-        except RuntimeError as exc:  # TBLiteRuntimeError, also raised for a failed SCC
-            status = "unconverged" if "not converged" in str(exc) else "failed"
-            fields = {"status": status, "error": error_line(exc)}
-        except Exception as exc:
-            fields = {"status": "failed", "error": error_line(exc)}
-        result = LabelResult(
-            code=self.name,
-            code_version=".".join(map(str, library.get_version())),  # the compiled library's
-            settings_hash=self.settings_hash,
-            wall_time_s=time.perf_counter() - start,
-            host=socket.gethostname(),
-            run_dir=str(run_dir) if run_dir is not None else None,
-            **fields,
-        )
-        if run_dir is not None:
-            finish_run_dir(run_dir, result)
-        return result
-
-    def _compute(self, atoms: Atoms) -> dict[str, Any]:
+    def _compute(self, atoms: Atoms, run_dir: Path | None = None) -> dict[str, Any]:
         s = self.settings
         periodic = bool(np.any(atoms.pbc))
         calc = Calculator(

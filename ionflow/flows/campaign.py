@@ -22,13 +22,13 @@ from ionflow.db import (
     CampaignStructure,
     Model,
     SelectionDecision,
+    calculation_outcomes,
     iteration_table,
     session_scope,
 )
 from ionflow.db.queries import asked_to_label
 from ionflow.db.records import iteration_row
 from ionflow.flows import report
-from ionflow.platform.selection import Decision, nothing_chosen
 from ionflow.flows.tasks import (
     bootstrap_task,
     close_iteration_task,
@@ -40,6 +40,7 @@ from ionflow.flows.tasks import (
     select_task,
     train_task,
 )
+from ionflow.platform.selection import Decision, nothing_chosen
 
 log = logging.getLogger("ionflow")
 
@@ -55,7 +56,10 @@ class CampaignSummary:
     dataset: str
     test_set: str
     stop_reason: str
+    status: str = "finished"
     iterations: list[dict[str, Any]] = field(default_factory=list)
+    calculations: dict[str, int] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _nothing_chosen(config_path: str, campaign_id: int, index: int) -> str:
@@ -79,6 +83,25 @@ def _labels_so_far(config_path: str, campaign_id: int) -> int:
                 Calculation.status == "ok",
             )
         )
+
+
+def _too_many_failures(config_path: str, campaign_id: int) -> str | None:
+    """The stop reason when more than ``reference.max_failure_ratio`` of the campaign's reference
+    calculations did not end ``ok`` (with the failures shown as a table), else None."""
+    ctx = context(config_path)
+    cap = ctx.config.reference.max_failure_ratio
+    with session_scope(ctx.sessions) as session:
+        counts, failures = calculation_outcomes(session, campaign_id, ctx.adapter.settings_hash)
+    total = sum(counts.values())
+    bad = total - counts.get("ok", 0)
+    if total == 0 or bad / total <= cap:
+        return None
+    report.console.print(report.failure_table(counts, failures, f"{ctx.config.name}: reference calculations"))
+    return (
+        f"{bad} of {total} reference calculations ({100 * bad / total:.0f}%) failed, timed out or did not "
+        f"converge, above reference.max_failure_ratio {cap:g}; the table lists them. Fix the cause (settings, "
+        f"timeout_s, the code's installation), or raise the cap, and run the campaign again to continue"
+    )
 
 
 def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict[str, Any]]:
@@ -121,6 +144,8 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
         # Iteration 0: first labels and first model.
         bootstrap_task(config_path, campaign_id)
         label_task(config_path, campaign_id, 0)
+        if (failing := _too_many_failures(config_path, campaign_id)) is not None:
+            return finish(config_path, campaign_id, failing, status="stopped")
         train_task(config_path, campaign_id, 0)
         evaluate_task(config_path, campaign_id, 0)
         _show_iteration(config_path, campaign_id, 0)
@@ -138,6 +163,8 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
                 _show_iteration(config_path, campaign_id, index)
                 break
             label_task(config_path, campaign_id, index)
+            if (failing := _too_many_failures(config_path, campaign_id)) is not None:
+                return finish(config_path, campaign_id, failing, status="stopped")
             train_task(config_path, campaign_id, index)
             evaluate_task(config_path, campaign_id, index)
             _show_iteration(config_path, campaign_id, index)
@@ -146,12 +173,14 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
         lock.close()
 
 
-def finish(config_path: str, campaign_id: int, stop_reason: str) -> dict[str, Any]:
-    """Mark the campaign finished and say where its outputs are."""
+def finish(config_path: str, campaign_id: int, stop_reason: str, status: str = "finished") -> dict[str, Any]:
+    """Mark the campaign ``finished`` (or ``stopped``, when it cannot go on as configured) and
+    say where its outputs are, with how its reference calculations ended."""
     ctx = context(config_path)
     with session_scope(ctx.sessions) as session:
         campaign = session.get(Campaign, campaign_id)
-        campaign.status = "finished"
+        campaign.status = status
+        counts, failures = calculation_outcomes(session, campaign_id, ctx.adapter.settings_hash)
         latest = session.scalar(select(Model).where(Model.campaign_id == campaign_id).order_by(Model.version.desc()).limit(1))
         rows = iteration_table(session, campaign_id)
         summary = CampaignSummary(
@@ -162,7 +191,10 @@ def finish(config_path: str, campaign_id: int, stop_reason: str) -> dict[str, An
             dataset=str(ctx.folder / "dataset.extxyz"),
             test_set=str(ctx.folder / "test.extxyz"),
             stop_reason=stop_reason,
+            status=status,
             iterations=rows,
+            calculations=counts,
+            failures=failures,
         )
     log.info("campaign %s stopped: %s", summary.name, stop_reason)
     return summary.__dict__

@@ -8,7 +8,13 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
@@ -65,5 +71,28 @@ def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
             _fmt(m.get("explored_force_std_mean"), ".3f"),
             _fmt(m.get("explored_force_std_max"), ".3f"),
             "-" if row.get("model_version") is None else f"v{row['model_version']}",
+        )
+    return table
+
+
+def failure_table(counts: dict[str, int], failures: list[dict[str, Any]], title: str) -> Table:
+    """The reference calculations that did not end ``ok``: why, and where their files are."""
+    total = sum(counts.values())
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    table = Table(
+        title=f"{title}: {summary} of {total} calculations",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for header, justify in (("iter", "right"), ("structure", "right"), ("status", "left"), ("error", "left"), ("run folder", "left")):
+        table.add_column(header, justify=justify, overflow="fold")
+    for row in failures:
+        table.add_row(
+            "-" if row["iteration"] is None else str(row["iteration"]),
+            str(row["structure_id"]),
+            row["status"],
+            (row["error"] or "")[:300],
+            row["run_dir"] or "-",
         )
     return table

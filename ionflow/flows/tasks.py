@@ -59,14 +59,19 @@ from ionflow.db.records import (
     record_calculation,
 )
 from ionflow.dft_adapters import get_adapter
+from ionflow.dft_adapters.pool import label_stream
 from ionflow.flows.report import stage
 from ionflow.platform.md import run_walkers
 from ionflow.platform.model import Ensemble, load_model, save_model
 from ionflow.platform.selection import select as select_frames
-from ionflow.platform.structures import rattled, read_structures, structure_hash, write_extxyz
+from ionflow.platform.structures import (
+    rattled,
+    read_structures,
+    structure_hash,
+    write_extxyz,
+)
 from ionflow.platform.training import evaluate as evaluate_committee
 from ionflow.platform.training import train_committee
-
 
 ORDER = ("started", "explored", "selected", "labelled", "trained", "done")
 
@@ -365,33 +370,37 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
             else:  # computed before a restart, or by another campaign sharing the database
                 adopt_calculation(session, ctx.store, calculation)
                 reused += 1
-    with stage(f"label: {len(pending)} × {adapter.name}", len(pending)) as update:
-        for done, (structure_id, path, structure_hash_) in enumerate(pending, 1):
-            # a campaign sharing the database may have computed it since the list was made
-            if _adopted(ctx, structure_id, settings_hash):
+    todo = pending
+    ref = ctx.config.reference
+    structures = [ctx.store.get_structure(path) for _, path, _ in todo]
+    run_dirs = [ctx.folder / "dft" / f"{index:03d}-{hash_[:16]}" for _, _, hash_ in todo]
+    workers = min(ref.workers, max(1, len(todo)))
+    with stage(f"label: {len(todo)} × {adapter.name} on {workers} worker{'s' * (workers > 1)}", len(todo)) as update:
+        stream = label_stream(
+            ref.adapter, ref.settings, structures, run_dirs,
+            workers=workers, threads=ref.threads_per_worker, timeout_s=ref.timeout_s,
+        )
+        for done, (i, result) in enumerate(stream, 1):
+            structure_id = todo[i][0]
+            try:
+                with session_scope(ctx.sessions) as session:
+                    structure = session.get(Structure, structure_id)
+                    record_calculation(
+                        session, ctx.store, structure, result, adapter.name, ref.settings, iteration_id,
+                    )
+            except IntegrityError:
+                # another campaign sharing the database recorded it while this one computed:
+                # the first calculation stands
+                if not _adopted(ctx, structure_id, settings_hash):
+                    raise
                 reused += 1
             else:
-                run_dir = ctx.folder / "dft" / f"{index:03d}-{structure_hash_[:16]}"
-                result = adapter.label([ctx.store.get_structure(path)], run_dirs=[run_dir])[0]
-                try:
-                    with session_scope(ctx.sessions) as session:
-                        structure = session.get(Structure, structure_id)
-                        record_calculation(
-                            session, ctx.store, structure, result, adapter.name, ctx.config.reference.settings,
-                            iteration_id,
-                        )
-                except IntegrityError:
-                    # ... or recorded it while this one computed: the first calculation stands
-                    if not _adopted(ctx, structure_id, settings_hash):
-                        raise
-                    reused += 1
-                else:
-                    counts[result.status] = counts.get(result.status, 0) + 1
-                    if not result.ok:
-                        get_run_logger().warning(
-                            "calculation of structure %s: %s (%s)", structure_id, result.status, result.error
-                        )
-            update(done, len(pending))
+                counts[result.status] = counts.get(result.status, 0) + 1
+                if not result.ok:
+                    get_run_logger().warning(
+                        "calculation of structure %s: %s (%s)", structure_id, result.status, result.error
+                    )
+            update(done, len(todo))
     with session_scope(ctx.sessions) as session:
         it = iteration_row(session, campaign_id, index)
         it.status = "labelled"

@@ -243,6 +243,28 @@ def _valid_loss(committee: Ensemble, batch: dict[str, torch.Tensor], weights: Lo
     return float(loss.detach()) + (0.0 if nll is None else float(nll.detach()))
 
 
+def check_one_level_of_theory(frames: Sequence[Atoms]) -> None:
+    """Refuse a training set that mixes levels of theory or holds labels that are not ``ok``.
+
+    Frames labelled by ionflow carry ``info["settings_hash"]`` (the adapter's level of theory)
+    and, from ``ionflow label``, ``info["label_status"]``; frames without them (labels made
+    elsewhere) are taken as they are. Raises ``ValueError`` naming the frames.
+    """
+    bad = [i for i, a in enumerate(frames) if a.info.get("label_status", "ok") != "ok"]
+    if bad:
+        raise ValueError(f"frames {bad[:10]} have labels that did not end ok (label_status); they cannot be trained on")
+    by_hash: dict[str, list[int]] = {}
+    for i, a in enumerate(frames):
+        if "settings_hash" in a.info:
+            by_hash.setdefault(str(a.info["settings_hash"]), []).append(i)
+    if len(by_hash) > 1:
+        groups = "; ".join(f"{h[:12]}: frames {idx[:5]}{'...' if len(idx) > 5 else ''}" for h, idx in by_hash.items())
+        raise ValueError(
+            f"the labels come from {len(by_hash)} different levels of theory (settings_hash {groups}); "
+            "train on labels of one level of theory"
+        )
+
+
 def train_committee(
     train: Sequence[Atoms],
     valid: Sequence[Atoms],
@@ -273,6 +295,7 @@ def train_committee(
     """
     if not train:
         raise ValueError("no training frames")
+    check_one_level_of_theory([*train, *valid])
     start = time.perf_counter()
     elements = {int(z) for a in train for z in a.numbers}
     from_parent = parent is not None and elements <= set(parent.z_table)
@@ -456,10 +479,14 @@ def dataset_problem(frames: Sequence[Atoms]) -> str | None:
     Every frame needs ``REF_energy`` and ``REF_forces`` (n, 3) (see
     :func:`ionflow.platform.structures.with_reference_labels` for plain ASE labels), an integer
     charge and multiplicity consistent with its electron count, and ``REF_charges``/``REF_dipole``
-    of the right shapes where present.
+    of the right shapes where present; all from one level of theory (:func:`check_one_level_of_theory`).
     """
     if not frames:
         return "no frames"
+    try:
+        check_one_level_of_theory(frames)
+    except ValueError as exc:
+        return str(exc)
     for k, atoms in enumerate(frames):
         where = f"frame {k} ({atoms.get_chemical_formula()})"
         if len(atoms) == 0:

@@ -171,9 +171,9 @@ def test_settings_reject_unknown_keys_and_functionals():
 
 
 def test_registry():
-    assert set(ADAPTER_NAMES) == {"pyscf", "tblite"}
+    assert set(ADAPTER_NAMES) == {"pyscf", "tblite", "ase"}
     assert settings_model("pyscf") is PySCFSettings
     adapter = get_adapter("pyscf", {"basis": "sto-3g"})
     assert isinstance(adapter, PySCFAdapter) and isinstance(adapter, ReferenceAdapter)
-    with pytest.raises(ValueError, match="pyscf, tblite"):
+    with pytest.raises(ValueError, match="pyscf, tblite, ase"):
         get_adapter("vasp")
