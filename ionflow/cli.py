@@ -72,6 +72,18 @@ def _load(config: Path):
         raise typer.Exit(2) from None
 
 
+def _check_reference(cfg, path: Path) -> None:
+    """Refuse, before any work, a system the reference adapter cannot label (a periodic cell for
+    PySCF, a charge the ASE calculator cannot be told, a code that is not installed)."""
+    from ionflow.dft_adapters import get_adapter
+
+    adapter = get_adapter(cfg.reference.adapter, cfg.reference.settings)
+    try:
+        adapter.check([cfg.system.atoms()])
+    except ValueError as exc:
+        _fail(f"{path}: reference adapter {cfg.reference.adapter!r}: {exc}")
+
+
 def _check_resumable(cfg) -> None:
     """Refuse, before any work, a file whose science differs from the campaign it would resume."""
     from sqlalchemy import inspect
@@ -98,6 +110,7 @@ def _check_resumable(cfg) -> None:
 def validate(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> None:
     """Check a campaign file without running anything."""
     cfg = _load(config)
+    _check_reference(cfg, config)
     err.print(f"[green]ok:[/] {config} is a valid campaign ({cfg.name}, {len(cfg.system.atoms())} atoms, "
               f"charge {cfg.system.charge}, multiplicity {cfg.system.multiplicity})")
 
@@ -106,6 +119,7 @@ def validate(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -
 def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> None:
     """Run a campaign, or resume it if it was interrupted."""
     cfg = _load(config)
+    _check_reference(cfg, config)
     _check_resumable(cfg)
     _prefect_environment()
     from ionflow.flows.campaign import campaign_flow

@@ -182,9 +182,10 @@ class ModelConfig(Strict):
     @field_validator("hidden_irreps", "mlp_irreps")
     @classmethod
     def _irreps(cls, value: str) -> str:
-        from e3nn import o3
-
+        # isort: off
         import ionflow.platform.model._mace  # noqa: F401  (mace before e3nn)
+        from e3nn import o3
+        # isort: on
 
         try:
             o3.Irreps(value)

@@ -236,3 +236,17 @@ def test_overrides_are_validated_like_the_file(tmp_path):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_the_quickstart_file_validates_in_a_fresh_interpreter():
+    """Reading a campaign file first thing in a process (as ``ionflow run`` does) must load mace
+    before e3nn: the import order that the in-process tests cannot see."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    code = "from ionflow.config import load_config; print(load_config('examples/quickstart.yaml').name)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "zundel-quickstart"

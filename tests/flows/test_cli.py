@@ -51,6 +51,29 @@ def test_run_refuses_unknown_elements_and_overlaps(tmp_path):
     assert result.exit_code == 2 and "overlap" in result.output
 
 
+BOX = {"symbols": ["O", "H", "H"], "positions": [[0, 0, 0], [0.76, 0.59, 0], [-0.76, 0.59, 0]], "cell": [[6, 0, 0], [0, 6, 0], [0, 0, 6]], "pbc": True}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"system": {"charge": 0, "structure": BOX}, "reference": {"adapter": "pyscf"}}, ["periodic", "molecules only"]),
+        ({"reference": {"adapter": "ase", "settings": {"calculator": "cp2k", "command": "no-such-code -s"}}}, ["no-such-code", "not on PATH"]),
+        ({"reference": {"adapter": "ase", "settings": {"calculator": "tblite.ase:TBLite"}}}, ["charge 1", "charge_parameter"]),
+    ],
+)
+def test_run_refuses_a_system_the_adapter_cannot_label(tmp_path, change, words):
+    config = tiny_campaign(tmp_path)
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if key == "system" else value
+    path = write_campaign(tmp_path, config)
+    for command in ("validate", "run"):
+        result = runner.invoke(app, [command, str(path)])
+        assert result.exit_code == 2, result.output
+        assert all(word in result.output for word in words), result.output
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
 def test_validate_accepts_the_quickstart():
     result = runner.invoke(app, ["validate", "examples/quickstart.yaml"])
     assert result.exit_code == 0, result.output
