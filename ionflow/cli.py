@@ -62,6 +62,13 @@ def _log_to(folder: Path) -> None:
             logger.setLevel(logging.INFO)
 
 
+def shown_url(url: str) -> str:
+    """A database URL fit to print: any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _load(config: Path):
     from ionflow.config import ConfigError, load_config
 
@@ -91,7 +98,7 @@ def _check_resumable(cfg) -> None:
     from ionflow.db import campaign_by_name, make_engine, session_factory, session_scope
 
     db_file = cfg.campaign_dir / "ionflow.db"
-    if cfg.database_url is None and not db_file.exists():
+    if cfg.default_database and not db_file.exists():
         return
     engine = make_engine(cfg.db_url)
     if "campaign" not in inspect(engine).get_table_names():
@@ -100,7 +107,7 @@ def _check_resumable(cfg) -> None:
         campaign = campaign_by_name(session, cfg.name)
         if campaign is not None and campaign.config_hash != cfg.science_hash():
             err.print(
-                f"[red]error:[/] campaign {cfg.name!r} in {cfg.db_url} was started with different settings; "
+                f"[red]error:[/] campaign {cfg.name!r} in {shown_url(cfg.db_url)} was started with different settings; "
                 "resume it with its original file or choose another name"
             )
             raise typer.Exit(2)
@@ -144,7 +151,7 @@ def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> Non
     console.print(f"  model     {summary['model']}")
     console.print(f"  dataset   {summary['dataset']}  (REF_energy / REF_forces, eV and eV/Å)")
     console.print(f"  test set  {summary['test_set']}")
-    console.print(f"  database  {summary['database_url']}")
+    console.print(f"  database  {shown_url(summary['database_url'])}")
     console.print(f"  folder    {summary['folder']}")
     if stopped:
         raise typer.Exit(3)
@@ -175,7 +182,7 @@ def status(
     else:
         cfg = _load(target)
         url, name = cfg.db_url, name or cfg.name
-        if cfg.database_url is None and not (cfg.campaign_dir / "ionflow.db").exists():
+        if cfg.default_database and not (cfg.campaign_dir / "ionflow.db").exists():
             err.print(f"[red]error:[/] campaign {cfg.name} has not run yet (no {cfg.campaign_dir / 'ionflow.db'})")
             raise typer.Exit(2)
     from sqlalchemy import select
@@ -404,6 +411,55 @@ def _metrics_table(metrics: dict):
     if "dipole_rmse" in metrics:
         table.add_row("dipole (e·Å)", f"{metrics['dipole_rmse']:.4f}", f"{metrics['dipole_mae']:.4f}")
     return table
+
+
+db_app = typer.Typer(no_args_is_help=True, help="The provenance database: schema migrations.")
+app.add_typer(db_app, name="db")
+
+
+def _database_url(target: str | None) -> str:
+    """A URL given directly, the database of a campaign file, or IONFLOW_DATABASE_URL."""
+    from ionflow.config import DATABASE_URL_VARIABLE
+
+    if target is None:
+        url = os.environ.get(DATABASE_URL_VARIABLE)
+        if not url:
+            _fail(f"give a database URL or a campaign file, or set {DATABASE_URL_VARIABLE}")
+        return url
+    if "://" in target:
+        return target
+    return _load(Path(target)).db_url
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    target: str | None = typer.Argument(None, help="Database URL or campaign file (default: $IONFLOW_DATABASE_URL)."),
+    revision: str = typer.Option("head", help="Alembic revision to migrate to."),
+) -> None:
+    """Create or migrate the provenance database's schema (SQLite or PostgreSQL); safe to repeat."""
+    from sqlalchemy.exc import OperationalError
+
+    from ionflow.db import current_revision, upgrade
+
+    url = _database_url(target)
+    try:
+        before = current_revision(url)
+        upgrade(url, revision)
+        after = current_revision(url)
+    except OperationalError as exc:
+        _fail(f"cannot reach {shown_url(url)}: {str(exc).splitlines()[0]}")
+    err.print(f"[green]ok:[/] {shown_url(url)} at revision {after}" + ("" if before == after else f" (was {before or 'empty'})"))
+
+
+@db_app.command("current")
+def db_current(
+    target: str | None = typer.Argument(None, help="Database URL or campaign file (default: $IONFLOW_DATABASE_URL)."),
+) -> None:
+    """Print the schema revision of the provenance database."""
+    from ionflow.db import current_revision
+
+    url = _database_url(target)
+    typer.echo(current_revision(url) or "empty (run ionflow db upgrade)")
 
 
 def main() -> None:

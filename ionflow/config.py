@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,6 +34,10 @@ from ionflow.platform.structures import (
     read_structures,
     with_charge_state,
 )
+
+
+#: Environment variable with the provenance database's URL, used when the campaign file has none.
+DATABASE_URL_VARIABLE = "IONFLOW_DATABASE_URL"
 
 
 class Strict(BaseModel):
@@ -286,7 +291,10 @@ class CampaignConfig(Strict):
     name: str = Field(description="Campaign name; also the name of its folder.")
     workdir: Path = Field(Path("runs"), description="Folder that holds campaign folders (relative to the cwd).")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the provenance database; default: SQLite in the campaign folder."
+        None,
+        description="SQLAlchemy URL of the provenance database (e.g. postgresql+psycopg://user@host/db); default: "
+        "the environment's IONFLOW_DATABASE_URL, else SQLite in the campaign folder. Keep passwords out of the "
+        "file: put them in IONFLOW_DATABASE_URL or PostgreSQL's own PGPASSWORD / ~/.pgpass.",
     )
     iterations: int = Field(3, ge=1, le=1000, description="Explore-select-label-train iterations after bootstrap.")
     max_labels: int | None = Field(None, ge=1, description="Stop once this many reference labels exist.")
@@ -298,6 +306,25 @@ class CampaignConfig(Strict):
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     explore: ExploreConfig = Field(default_factory=ExploreConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ValueError(f"not a database URL: {url!r} (e.g. postgresql+psycopg://user@host:5432/db)") from None
+        if parsed.password:
+            raise ValueError(
+                f"the URL holds a password; put it in the environment ({DATABASE_URL_VARIABLE}, PGPASSWORD or "
+                "~/.pgpass) instead of the campaign file"
+            )
+        return url
 
     @field_validator("name")
     @classmethod
@@ -312,9 +339,14 @@ class CampaignConfig(Strict):
 
     @property
     def db_url(self) -> str:
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{self.campaign_dir / 'ionflow.db'}"
+        """The provenance database: the file's ``database_url``, else ``IONFLOW_DATABASE_URL``, else
+        SQLite in the campaign folder (:attr:`default_database`)."""
+        return self.database_url or os.environ.get(DATABASE_URL_VARIABLE) or f"sqlite:///{self.campaign_dir / 'ionflow.db'}"
+
+    @property
+    def default_database(self) -> bool:
+        """Whether the campaign uses the SQLite file in its own folder (no URL given anywhere)."""
+        return not (self.database_url or os.environ.get(DATABASE_URL_VARIABLE))
 
     def science_hash(self) -> str:
         """Hash of everything that changes what the campaign computes (not where it writes)."""

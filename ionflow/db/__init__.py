@@ -38,6 +38,7 @@ from ionflow.db.queries import (
     model_lineage,
 )
 from ionflow.db.session import (
+    current_revision,
     make_engine,
     session_factory,
     session_scope,
@@ -62,6 +63,7 @@ __all__ = [
     "TrainingMember",
     "calculation_outcomes",
     "campaign_by_name",
+    "current_revision",
     "find_calculation",
     "iteration_table",
     "make_engine",

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from ionflow.db.models import (
     Calculation,
@@ -26,6 +27,7 @@ from ionflow.db.models import (
 )
 from ionflow.db.objects import ObjectStore
 from ionflow.db.queries import asked_to_label
+from ionflow.db.session import session_scope
 from ionflow.platform.structures import (
     charge_of,
     labelled_copy,
@@ -87,31 +89,55 @@ def add_structure(
     h = structure_hash(atoms)
     row = session.scalar(select(Structure).where(Structure.hash == h))
     if row is None:
-        row = Structure(
-            hash=h,
-            formula=atoms.get_chemical_formula(),
-            n_atoms=len(atoms),
-            charge=charge_of(atoms),
-            multiplicity=multiplicity_of(atoms),
-            path=store.put_structure(atoms),
+        # Insert-if-absent in one statement: writers in other processes (other Prefect tasks,
+        # other campaigns sharing the database) may insert the same structure at the same
+        # moment; exactly one row results and every writer gets it.
+        path = store.put_structure(atoms)
+        insert_ignore(
+            session,
+            Structure,
+            {
+                "hash": h,
+                "formula": atoms.get_chemical_formula(),
+                "n_atoms": len(atoms),
+                "charge": charge_of(atoms),
+                "multiplicity": multiplicity_of(atoms),
+                "path": path,
+                "created_at": utcnow(),
+            },
+            ["hash"],
         )
-        session.add(row)
-        session.flush()
+        row = session.scalar(select(Structure).where(Structure.hash == h))
     elif not store.path(row.path).exists():
         # met first by a campaign with another object store: this one must hold the file too
         store.put_structure(atoms)
     if membership(session, campaign_id, row.id) is None:
-        session.add(
-            CampaignStructure(
-                campaign_id=campaign_id,
-                structure_id=row.id,
-                iteration_id=iteration_id,
-                md_run_id=md_run_id,
-                origin=origin,
-            )
+        insert_ignore(
+            session,
+            CampaignStructure,
+            {
+                "campaign_id": campaign_id,
+                "structure_id": row.id,
+                "iteration_id": iteration_id,
+                "md_run_id": md_run_id,
+                "origin": origin,
+            },
+            ["campaign_id", "structure_id"],
         )
-        session.flush()
     return row
+
+
+def insert_ignore(session: Session, model: type, values: dict[str, Any], unique: list[str]) -> None:
+    """``INSERT ... ON CONFLICT (unique) DO NOTHING`` on SQLite and PostgreSQL: a row that a
+    concurrent writer inserted first is kept, with no error and no duplicate."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"ionflow supports SQLite and PostgreSQL, not {dialect}")
+    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=unique))
 
 
 def membership(session: Session, campaign_id: int, structure_id: int) -> CampaignStructure | None:
@@ -178,6 +204,36 @@ def record_calculation(
     session.add(row)
     session.flush()
     return row
+
+
+def record_or_adopt(
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    structure_id: int,
+    result: Any,
+    adapter: str,
+    settings: dict[str, Any],
+    iteration_id: int | None,
+) -> bool:
+    """Commit one reference result in its own transaction; True when it was recorded.
+
+    When a concurrent writer (another task, another campaign sharing the database) recorded a
+    calculation of the same structure at the same level of theory first, the unique key
+    ``(structure_id, settings_hash)`` refuses this one: the first stands and is adopted
+    (its results copied into ``store``), and False is returned. Never a duplicate row.
+    """
+    try:
+        with session_scope(sessions) as session:
+            structure = session.get(Structure, structure_id)
+            record_calculation(session, store, structure, result, adapter, settings, iteration_id)
+        return True
+    except IntegrityError:
+        with session_scope(sessions) as session:
+            existing = calculation_for(session, structure_id, result.settings_hash)
+            if existing is None:
+                raise
+            adopt_calculation(session, store, existing)
+        return False
 
 
 def labelled_atoms(store: ObjectStore, structure: Structure, calculation: Calculation) -> Atoms:

@@ -48,11 +48,15 @@ def _sqlite_file(url: str) -> Path | None:
 
 def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # first: every statement below (switching to WAL takes a lock) waits for other writers
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
     # SQLite ignores foreign keys unless asked, per connection
     cursor.execute("PRAGMA foreign_keys=ON")
-    # WAL lets the dashboard read while a flow writes
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    # WAL lets the dashboard read while a flow writes. The mode is stored in the file, and
+    # switching takes an exclusive lock that does not wait for busy writers: switch only once.
+    cursor.execute("PRAGMA journal_mode")
+    if str(cursor.fetchone()[0]).lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
 
 
@@ -83,6 +87,25 @@ def upgrade(url: str, revision: str = "head") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     with _UPGRADE_LOCK:
         command.upgrade(_alembic_config(url), revision)
+    if _sqlite_file(url) is not None:
+        # one connection through make_engine leaves the file in WAL mode, so that writers
+        # starting together later never race to switch it
+        engine = make_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+
+
+def current_revision(url: str) -> str | None:
+    """The Alembic revision the database at ``url`` is at (None: no schema yet)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

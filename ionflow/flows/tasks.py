@@ -28,7 +28,6 @@ from typing import Any
 from ase import Atoms
 from prefect import get_run_logger, task
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ionflow.config import CampaignConfig, load_config
@@ -56,7 +55,7 @@ from ionflow.db.records import (
     iteration_row,
     labelled_set,
     open_campaign,
-    record_calculation,
+    record_or_adopt,
 )
 from ionflow.dft_adapters import get_adapter
 from ionflow.dft_adapters.pool import label_stream
@@ -334,15 +333,6 @@ def _to_label(session: Session, it: Iteration) -> list[Structure]:
     return list(session.scalars(query.order_by(Structure.id)).all())
 
 
-def _adopted(ctx: Context, structure_id: int, settings_hash: str) -> bool:
-    """Whether the structure has a calculation at this level of theory already (then adopted)."""
-    with session_scope(ctx.sessions) as session:
-        done = calculation_for(session, structure_id, settings_hash)
-        if done is not None:
-            adopt_calculation(session, ctx.store, done)
-        return done is not None
-
-
 @task(name="label")
 def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]:
     """Reference calculations of the iteration's chosen structures, each committed as it ends.
@@ -382,17 +372,10 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
         )
         for done, (i, result) in enumerate(stream, 1):
             structure_id = todo[i][0]
-            try:
-                with session_scope(ctx.sessions) as session:
-                    structure = session.get(Structure, structure_id)
-                    record_calculation(
-                        session, ctx.store, structure, result, adapter.name, ref.settings, iteration_id,
-                    )
-            except IntegrityError:
-                # another campaign sharing the database recorded it while this one computed:
-                # the first calculation stands
-                if not _adopted(ctx, structure_id, settings_hash):
-                    raise
+            recorded = record_or_adopt(
+                ctx.sessions, ctx.store, structure_id, result, adapter.name, ref.settings, iteration_id
+            )
+            if not recorded:  # another campaign sharing the database recorded it while this one computed
                 reused += 1
             else:
                 counts[result.status] = counts.get(result.status, 0) + 1
