@@ -413,6 +413,54 @@ def _metrics_table(metrics: dict):
     return table
 
 
+@app.command()
+def deploy(
+    config: Path = typer.Argument(..., help="Campaign file (YAML)."),
+    pool: str = typer.Option("cpu", help="Work pool of the campaign flow and its reference calculations."),
+    gpu_pool: str = typer.Option("gpu", help="Work pool of MD and training ('' to run them in the campaign flow)."),
+    cron: str | None = typer.Option(None, help="Cron schedule for a recurring campaign, e.g. '0 2 * * *'."),
+    label_concurrency: int | None = typer.Option(None, min=1, help="Label steps at once on this server (all campaigns)."),
+    create_pools: bool = typer.Option(True, help="Create missing work pools (process type)."),
+) -> None:
+    """Deploy a campaign to the Prefect server at PREFECT_API_URL: work pools, deployments, schedule.
+
+    Then start workers where the work should run, e.g. `prefect worker start --pool cpu` on a CPU
+    node and `prefect worker start --pool gpu` on a GPU node, and run it from the UI or with
+    `prefect deployment run ionflow-campaign/NAME`.
+    """
+    cfg = _load(config)
+    _check_reference(cfg, config)
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("set PREFECT_API_URL to your Prefect server's API (e.g. http://127.0.0.1:4200/api); "
+              "a deployment needs a server that outlives this command")
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=cron)
+        except ValidationError:
+            _fail(f"--cron {cron!r} is not a valid cron expression")
+    _prefect_environment()
+    from ionflow.flows.deploy import deploy_campaign
+
+    try:
+        done = deploy_campaign(
+            config, work_pool=pool, gpu_pool=gpu_pool or None, cron=cron, label_concurrency=label_concurrency,
+            create_pools=create_pools,
+        )
+    except Exception as exc:  # noqa: BLE001  an unreachable server, a missing pool: say which
+        _fail(f"deploying {cfg.name} failed: {exc}")
+    out = Console(highlight=False)
+    out.print(f"[green]deployed[/] ionflow-campaign/{done.campaign} on pool {done.work_pool}"
+              + (f", schedule {done.cron}" if done.cron else ""))
+    if done.gpu_pool:
+        out.print(f"[green]deployed[/] ionflow-gpu-step/{done.campaign} (MD, training) on pool {done.gpu_pool}")
+    if done.label_concurrency:
+        out.print(f"label steps limited to {done.label_concurrency} at once (tag ionflow-label)")
+    out.print(f"run it: prefect deployment run 'ionflow-campaign/{done.campaign}'")
+
+
 db_app = typer.Typer(no_args_is_help=True, help="The provenance database: schema migrations.")
 app.add_typer(db_app, name="db")
 

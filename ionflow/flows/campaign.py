@@ -131,9 +131,45 @@ def _lock(folder: Path):
     return handle
 
 
+#: The steps that belong on GPU workers.
+GPU_STEPS = {"explore": explore_task, "train": train_task}
+
+
+@flow(name="ionflow-gpu-step", log_prints=True)
+def gpu_step_flow(config_path: str, campaign_id: int, index: int, step: str) -> None:
+    """One MD exploration (``step="explore"``) or training (``"train"``) step of a campaign, as
+    its own flow run: deployed on a gpu work pool, the campaign flow runs these there."""
+    if step not in GPU_STEPS:
+        raise ValueError(f"unknown step {step!r}; one of {', '.join(GPU_STEPS)}")
+    GPU_STEPS[step](config_path, campaign_id, index)
+
+
+
+def _gpu_step(gpu_deployment: str | None, config_path: str, campaign_id: int, index: int, step: str) -> None:
+    """Run ``step`` here, or, with ``gpu_deployment``, as a flow run of that deployment (on its
+    work pool), waiting for it; its outcome is in the database either way."""
+    if gpu_deployment is None:
+        GPU_STEPS[step](config_path, campaign_id, index)
+        return
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        gpu_deployment,
+        parameters={"config_path": config_path, "campaign_id": campaign_id, "index": index, "step": step},
+        timeout=None,
+        poll_interval=2,
+        tags=["ionflow", step],
+    )
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state is not None else "unknown"
+        raise RuntimeError(f"{step} of iteration {index} ended {state} on deployment {gpu_deployment} (flow run {run.id})")
+
+
 @flow(name="ionflow-campaign", log_prints=True)
-def campaign_flow(config_path: str) -> dict[str, Any]:
-    """Run (or resume) the campaign described by the file at ``config_path``."""
+def campaign_flow(config_path: str, gpu_deployment: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the campaign described by the file at ``config_path``; with
+    ``gpu_deployment`` (``ionflow-gpu-step/NAME``), its MD and training steps run as flow runs
+    of that deployment, on its (GPU) work pool."""
     config_path = str(Path(config_path).resolve())
     cfg = context(config_path).config
     lock = _lock(cfg.campaign_dir)
@@ -146,7 +182,7 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
         label_task(config_path, campaign_id, 0)
         if (failing := _too_many_failures(config_path, campaign_id)) is not None:
             return finish(config_path, campaign_id, failing, status="stopped")
-        train_task(config_path, campaign_id, 0)
+        _gpu_step(gpu_deployment, config_path, campaign_id, 0, "train")
         evaluate_task(config_path, campaign_id, 0)
         _show_iteration(config_path, campaign_id, 0)
 
@@ -155,7 +191,7 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
             if cfg.max_labels is not None and _labels_so_far(config_path, campaign_id) >= cfg.max_labels:
                 stop_reason = f"label budget of {cfg.max_labels} reached"
                 break
-            explore_task(config_path, campaign_id, index)
+            _gpu_step(gpu_deployment, config_path, campaign_id, index, "explore")
             chosen = select_task(config_path, campaign_id, index)
             if chosen == 0:
                 stop_reason = _nothing_chosen(config_path, campaign_id, index)
@@ -165,7 +201,7 @@ def campaign_flow(config_path: str) -> dict[str, Any]:
             label_task(config_path, campaign_id, index)
             if (failing := _too_many_failures(config_path, campaign_id)) is not None:
                 return finish(config_path, campaign_id, failing, status="stopped")
-            train_task(config_path, campaign_id, index)
+            _gpu_step(gpu_deployment, config_path, campaign_id, index, "train")
             evaluate_task(config_path, campaign_id, index)
             _show_iteration(config_path, campaign_id, index)
         return finish(config_path, campaign_id, stop_reason)

@@ -333,7 +333,11 @@ def _to_label(session: Session, it: Iteration) -> list[Structure]:
     return list(session.scalars(query.order_by(Structure.id)).all())
 
 
-@task(name="label")
+#: Tag of the label step: a Prefect task concurrency limit on it bounds labelling server-wide.
+LABEL_TAG = "ionflow-label"
+
+
+@task(name="label", tags=[LABEL_TAG])
 def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]:
     """Reference calculations of the iteration's chosen structures, each committed as it ends.
 

@@ -84,3 +84,36 @@ def test_status_before_a_run_says_so(tmp_path):
     path = write_campaign(tmp_path, tiny_campaign(tmp_path))
     result = runner.invoke(app, ["status", str(path)])
     assert result.exit_code == 2 and "has not run yet" in result.output
+
+
+def test_database_url_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):
+    from ionflow.config import ConfigError, load_config
+
+    monkeypatch.delenv("IONFLOW_DATABASE_URL", raising=False)
+    path = write_campaign(tmp_path, tiny_campaign(tmp_path))
+    cfg = load_config(path)
+    assert cfg.default_database and cfg.db_url == f"sqlite:///{cfg.campaign_dir / 'ionflow.db'}"
+    monkeypatch.setenv("IONFLOW_DATABASE_URL", "postgresql+psycopg://ionflow@db.cluster:5432/prov")
+    cfg = load_config(path)
+    assert not cfg.default_database and cfg.db_url == "postgresql+psycopg://ionflow@db.cluster:5432/prov"
+    own = write_campaign(tmp_path, tiny_campaign(tmp_path, database_url=f"sqlite:///{tmp_path / 'shared.db'}"), "own.yaml")
+    assert load_config(own).db_url == f"sqlite:///{tmp_path / 'shared.db'}"  # the file's wins
+    secret = write_campaign(tmp_path, tiny_campaign(tmp_path, database_url="postgresql+psycopg://u:hunter2@h/db"), "s.yaml")
+    with pytest.raises(ConfigError, match="password") as info:
+        load_config(secret)
+    assert "hunter2" not in str(info.value)
+
+
+def test_db_upgrade_migrates_a_database_given_by_url_or_environment(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'prov.db'}"
+    result = runner.invoke(app, ["db", "current", url])
+    assert result.exit_code == 0 and "empty" in result.output
+    result = runner.invoke(app, ["db", "upgrade", url])
+    assert result.exit_code == 0 and "revision 0001 (was empty)" in result.output
+    monkeypatch.setenv("IONFLOW_DATABASE_URL", url)
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0 and "revision 0001" in result.output and "was" not in result.output
+    result = runner.invoke(app, ["db", "current"])
+    assert result.output.strip() == "0001"
+    result = runner.invoke(app, ["db", "upgrade", "postgresql+psycopg://nobody:pw@127.0.0.1:1/none"])
+    assert result.exit_code == 2 and "cannot reach" in result.output and "pw" not in result.output.replace("psycopg", "")
