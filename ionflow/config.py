@@ -282,6 +282,22 @@ class SelectionConfig(Strict):
         return self
 
 
+class ExecutionConfig(Strict):
+    """Where the label step's calculations run. Not part of the science: changing it never
+    changes a result, so a campaign may resume under another execution setting."""
+
+    task_runner: Literal["local", "dask"] = Field(
+        "local",
+        description="local: reference.workers worker processes next to the flow; dask: chunks of the "
+        "calculations as Prefect tasks on a Dask cluster (prefect-dask).",
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of a running Dask cluster (e.g. one of dask-jobqueue's SLURMCluster); "
+        "None: a LocalCluster started for each label step."
+    )
+    dask_workers: int = Field(2, ge=1, le=1024, description="Workers of the LocalCluster, and chunks per label step.")
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -306,6 +322,7 @@ class CampaignConfig(Strict):
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     explore: ExploreConfig = Field(default_factory=ExploreConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @field_validator("database_url")
     @classmethod
@@ -353,7 +370,7 @@ class CampaignConfig(Strict):
         data = self.model_dump(
             mode="json",
             exclude={
-                "workdir": True, "database_url": True, "iterations": True, "max_labels": True,
+                "workdir": True, "database_url": True, "iterations": True, "max_labels": True, "execution": True,
                 "reference": {"workers", "threads_per_worker", "timeout_s", "max_failure_ratio"},
             },
         )

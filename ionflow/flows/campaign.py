@@ -35,6 +35,9 @@ from ionflow.flows.tasks import (
     context,
     evaluate_task,
     explore_task,
+    label_chunk_task,
+    label_close_task,
+    label_plan_task,
     label_task,
     open_campaign_task,
     select_task,
@@ -145,6 +148,43 @@ def gpu_step_flow(config_path: str, campaign_id: int, index: int, step: str) -> 
 
 
 
+def _label(config_path: str, campaign_id: int, index: int) -> None:
+    """The label step: on local worker processes, or (``execution.task_runner: dask``) as
+    chunks of Prefect tasks on a Dask cluster, each committing its results as they end."""
+    cfg = context(config_path).config.execution
+    if cfg.task_runner == "local":
+        label_task(config_path, campaign_id, index)
+        return
+    from prefect_dask import DaskTaskRunner
+
+    iteration_id, pending, reused = label_plan_task(config_path, campaign_id, index)
+    if iteration_id is None:
+        return
+    if cfg.dask_address:
+        runner = DaskTaskRunner(address=cfg.dask_address)
+    else:  # Dask's nanny gives each worker process OMP_NUM_THREADS=1 (and the BLAS equivalents)
+        runner = DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+        )
+    chunks = [c for c in (pending[k :: cfg.dask_workers] for k in range(cfg.dask_workers)) if c]
+    counts: dict[str, int] = {}
+    with runner:
+        futures = [
+            runner.submit(
+                label_chunk_task,
+                parameters={"config_path": config_path, "index": index, "iteration_id": iteration_id, "structure_ids": chunk},
+            )
+            for chunk in chunks
+        ]
+        for future in futures:
+            chunk_counts, raced = future.result()
+            reused += raced
+            for status, n in chunk_counts.items():
+                counts[status] = counts.get(status, 0) + n
+    label_close_task(config_path, campaign_id, index, counts, reused)
+
+
 def _gpu_step(gpu_deployment: str | None, config_path: str, campaign_id: int, index: int, step: str) -> None:
     """Run ``step`` here, or, with ``gpu_deployment``, as a flow run of that deployment (on its
     work pool), waiting for it; its outcome is in the database either way."""
@@ -179,7 +219,7 @@ def campaign_flow(config_path: str, gpu_deployment: str | None = None) -> dict[s
 
         # Iteration 0: first labels and first model.
         bootstrap_task(config_path, campaign_id)
-        label_task(config_path, campaign_id, 0)
+        _label(config_path, campaign_id, 0)
         if (failing := _too_many_failures(config_path, campaign_id)) is not None:
             return finish(config_path, campaign_id, failing, status="stopped")
         _gpu_step(gpu_deployment, config_path, campaign_id, 0, "train")
@@ -198,7 +238,7 @@ def campaign_flow(config_path: str, gpu_deployment: str | None = None) -> dict[s
                 close_iteration_task(config_path, campaign_id, index, stop_reason)
                 _show_iteration(config_path, campaign_id, index)
                 break
-            label_task(config_path, campaign_id, index)
+            _label(config_path, campaign_id, index)
             if (failing := _too_many_failures(config_path, campaign_id)) is not None:
                 return finish(config_path, campaign_id, failing, status="stopped")
             _gpu_step(gpu_deployment, config_path, campaign_id, index, "train")

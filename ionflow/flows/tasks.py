@@ -337,65 +337,100 @@ def _to_label(session: Session, it: Iteration) -> list[Structure]:
 LABEL_TAG = "ionflow-label"
 
 
-@task(name="label", tags=[LABEL_TAG])
-def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]:
-    """Reference calculations of the iteration's chosen structures, each committed as it ends.
+def _pending(ctx: Context, campaign_id: int, index: int) -> tuple[int | None, list[int], int]:
+    """(iteration id, structure ids still to compute, labels adopted) of iteration ``index``;
+    iteration id None when it is labelled already.
 
-    A structure that already has a calculation at this level of theory (same settings
-    hash) is never computed again, whatever its status, even when another campaign
-    sharing the database computed it: that calculation is adopted (its results are
-    copied into this campaign's object store).
+    A structure that already has a calculation at this level of theory (same settings hash)
+    is never computed again, whatever its status, even when another campaign sharing the
+    database computed it: that calculation is adopted (its results copied into this
+    campaign's object store).
     """
-    ctx = context(config_path)
-    adapter = ctx.adapter
-    settings_hash = adapter.settings_hash
-    counts: dict[str, int] = {}
     with session_scope(ctx.sessions) as session:
         it = iteration_row(session, campaign_id, index)
         if reached(it.status, "labelled"):
-            return counts
-        iteration_id = it.id
-        pending = []
-        reused = 0
+            return None, [], 0
+        pending, reused = [], 0
         for row in _to_label(session, it):
-            calculation = calculation_for(session, row.id, settings_hash)
+            calculation = calculation_for(session, row.id, ctx.adapter.settings_hash)
             if calculation is None:
-                pending.append((row.id, row.path, row.hash))
+                pending.append(row.id)
             else:  # computed before a restart, or by another campaign sharing the database
                 adopt_calculation(session, ctx.store, calculation)
                 reused += 1
-    todo = pending
+        return it.id, pending, reused
+
+
+def _compute(ctx: Context, structure_ids: list[int], index: int, iteration_id: int, workers: int) -> tuple[dict[str, int], int]:
+    """Label ``structure_ids`` on ``workers`` local workers, committing each result as it ends;
+    return (counts per status, results another writer recorded first)."""
     ref = ctx.config.reference
-    structures = [ctx.store.get_structure(path) for _, path, _ in todo]
-    run_dirs = [ctx.folder / "dft" / f"{index:03d}-{hash_[:16]}" for _, _, hash_ in todo]
-    workers = min(ref.workers, max(1, len(todo)))
-    with stage(f"label: {len(todo)} × {adapter.name} on {workers} worker{'s' * (workers > 1)}", len(todo)) as update:
+    with session_scope(ctx.sessions) as session:
+        rows = [session.get(Structure, i) for i in structure_ids]
+        structures = [ctx.store.get_structure(row.path) for row in rows]
+        run_dirs = [ctx.folder / "dft" / f"{index:03d}-{row.hash[:16]}" for row in rows]
+    counts: dict[str, int] = {}
+    reused = 0
+    workers = min(workers, max(1, len(structure_ids)))
+    name = ctx.adapter.name
+    with stage(f"label: {len(rows)} × {name} on {workers} worker{'s' * (workers > 1)}", len(rows)) as update:
         stream = label_stream(
             ref.adapter, ref.settings, structures, run_dirs,
             workers=workers, threads=ref.threads_per_worker, timeout_s=ref.timeout_s,
         )
         for done, (i, result) in enumerate(stream, 1):
-            structure_id = todo[i][0]
-            recorded = record_or_adopt(
-                ctx.sessions, ctx.store, structure_id, result, adapter.name, ref.settings, iteration_id
-            )
+            recorded = record_or_adopt(ctx.sessions, ctx.store, structure_ids[i], result, name, ref.settings, iteration_id)
             if not recorded:  # another campaign sharing the database recorded it while this one computed
                 reused += 1
             else:
                 counts[result.status] = counts.get(result.status, 0) + 1
                 if not result.ok:
                     get_run_logger().warning(
-                        "calculation of structure %s: %s (%s)", structure_id, result.status, result.error
+                        "calculation of structure %s: %s (%s)", structure_ids[i], result.status, result.error
                     )
-            update(done, len(todo))
+            update(done, len(rows))
+    return counts, reused
+
+
+def _close_labelling(ctx: Context, campaign_id: int, index: int, counts: dict[str, int], reused: int) -> None:
     with session_scope(ctx.sessions) as session:
-        it = iteration_row(session, campaign_id, index)
-        it.status = "labelled"
+        iteration_row(session, campaign_id, index).status = "labelled"
     get_run_logger().info(
-        "iteration %d labelled with %s: %s%s", index, adapter.name, counts or "nothing new",
+        "iteration %d labelled with %s: %s%s", index, ctx.adapter.name, counts or "nothing new",
         f" ({reused} labels already in the database)" if reused else "",
     )
+
+
+@task(name="label", tags=[LABEL_TAG])
+def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]:
+    """Reference calculations of the iteration's chosen structures on ``reference.workers``
+    local workers, each committed as it ends (see :func:`_pending` for what is reused)."""
+    ctx = context(config_path)
+    iteration_id, pending, reused = _pending(ctx, campaign_id, index)
+    if iteration_id is None:
+        return {}
+    counts, raced = _compute(ctx, pending, index, iteration_id, ctx.config.reference.workers)
+    _close_labelling(ctx, campaign_id, index, counts, reused + raced)
     return counts
+
+
+@task(name="label-plan", tags=[LABEL_TAG])
+def label_plan_task(config_path: str, campaign_id: int, index: int) -> tuple[int | None, list[int], int]:
+    """The distributed label step's first part: what is still to compute (ids only)."""
+    return _pending(context(config_path), campaign_id, index)
+
+
+@task(name="label-chunk", tags=[LABEL_TAG])
+def label_chunk_task(config_path: str, index: int, iteration_id: int, structure_ids: list[int]) -> tuple[dict[str, int], int]:
+    """Label a chunk of structures where the task runs (a Dask worker), one calculation at a
+    time, each committed to the database as it ends; return (counts, raced)."""
+    ctx = context(config_path)
+    return _compute(ctx, structure_ids, index, iteration_id, workers=1)
+
+
+@task(name="label-close")
+def label_close_task(config_path: str, campaign_id: int, index: int, counts: dict[str, int], reused: int) -> None:
+    _close_labelling(context(config_path), campaign_id, index, counts, reused)
 
 
 @task(name="train")
