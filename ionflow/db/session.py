@@ -7,6 +7,7 @@ them to the newest revision and is safe to call on every start.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,7 +57,10 @@ def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # switching takes an exclusive lock that does not wait for busy writers: switch only once.
     cursor.execute("PRAGMA journal_mode")
     if str(cursor.fetchone()[0]).lower() != "wal":
-        cursor.execute("PRAGMA journal_mode=WAL")
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            pass  # another process holds a lock right now (e.g. migrating); a later connection switches
     cursor.close()
 
 

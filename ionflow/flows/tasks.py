@@ -62,6 +62,7 @@ from ionflow.dft_adapters.pool import label_stream
 from ionflow.flows.report import stage
 from ionflow.platform.md import run_walkers
 from ionflow.platform.model import Ensemble, load_model, save_model
+from ionflow.platform.model.committee import pick_device
 from ionflow.platform.selection import select as select_frames
 from ionflow.platform.structures import (
     rattled,
@@ -191,7 +192,7 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
         model = _model_of(session, campaign_id, before_index=index)
         if model is None:
             raise RuntimeError(f"iteration {index} has no model to explore with")
-        committee = _load(ctx, model)
+        committee = _load(ctx, model).to(pick_device())  # a GPU worker's GPU, if it has one
         starts = _walker_starts(ctx, session, campaign_id, index)
         temperature = cfg.temperature_K * cfg.temperature_ramp ** (index - 1)
         with stage(f"explore: {cfg.walkers} walkers, {temperature:.0f} K", cfg.steps) as update:

@@ -65,8 +65,11 @@ class _WalkersCalculator(Calculator):
     def calculate(self, atoms=None, properties=None, system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         frames = self.split(self.atoms.positions)
-        batch = build_batch(frames, self.committee.z_table, self.committee.r_max, dtype=self.committee.spec.dtype)
-        pred = self.committee.predict(batch)
+        batch = build_batch(
+            frames, self.committee.z_table, self.committee.r_max, dtype=self.committee.spec.dtype,
+            device=self.committee.device,
+        )
+        pred = {k: v.cpu() for k, v in self.committee.predict(batch).items()}
         self.results = {
             "energy": float(pred["energy"].sum()),
             "forces": pred["forces"].numpy().astype(float),

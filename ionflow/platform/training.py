@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from ionflow.platform.model.committee import Ensemble, ModelSpec, build_ensemble
+from ionflow.platform.model.committee import Ensemble, ModelSpec, build_ensemble, pick_device
 from ionflow.platform.model.graph import build_batch
 from ionflow.platform.structures import (
     REF_PREFIX,
@@ -131,7 +131,9 @@ def new_spec(frames: Sequence[Atoms], hyper: dict, seed: int) -> ModelSpec:
     )
 
 
-def _batches(frames: Sequence[Atoms], spec: ModelSpec, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def _batches(
+    frames: Sequence[Atoms], spec: ModelSpec, batch_size: int, device: torch.device | str = "cpu"
+) -> list[dict[str, torch.Tensor]]:
     """Graphs are built once: positions do not change during training.
 
     Besides the graph, each batch holds ``ref_energy`` (g,), ``ref_forces`` (n, 3), ``n_atoms`` (g,),
@@ -157,7 +159,7 @@ def _batches(frames: Sequence[Atoms], spec: ModelSpec, batch_size: int) -> list[
             np.stack([np.zeros(3) if mu is None else mu for mu in dipoles]), dtype=spec.dtype
         )
         batch["dipole_mask"] = torch.tensor([mu is not None for mu in dipoles])
-        out.append(batch)
+        out.append({key: value.to(device) for key, value in batch.items()})
     return out
 
 
@@ -280,6 +282,7 @@ def train_committee(
     charges_weight: float = 0.0,
     dipole_weight: float = 10.0,
     nll_weight: float = 1.0,
+    device: torch.device | str | None = None,
 ) -> tuple[Ensemble, TrainReport]:
     """Train an ensemble on labelled ``train`` frames, keeping the weights best on ``valid``,
     then fit its calibration on ``valid`` (:func:`calibrate`; kept from the parent, or 1, without).
@@ -288,6 +291,8 @@ def train_committee(
     weigh the ``REF_charges``/``REF_dipole`` terms of the loss for the frames that have them; a
     model without electrostatics predicts no charges and ignores both. ``nll_weight`` weighs a
     shallow ensemble's negative log-likelihood (see the module docstring); committees ignore it.
+    ``device`` (default :func:`~ionflow.platform.model.committee.pick_device`: a GPU when there is
+    one) is where training runs; the ensemble returned is on the CPU.
 
     With a ``parent`` whose elements cover the data the committee is refined from
     the parent's weights (the parent itself is not modified); otherwise it starts
@@ -303,6 +308,8 @@ def train_committee(
         committee = copy.deepcopy(parent)
     else:
         committee = build_ensemble(new_spec(train, hyper, seed))
+    device = torch.device(device) if device is not None else pick_device()
+    committee = committee.to(device)
     spec = committee.spec
     electrostatic = has_electrostatics(spec.hyper)
     shallow = spec.hyper.get("uncertainty", "committee") == "shallow"
@@ -318,8 +325,8 @@ def train_committee(
     active = weights
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train_batches_fixed = None if len(train) > batch_size else _batches(train, spec, batch_size)
-    valid_batches = _batches(valid, spec, batch_size) if valid else []
+    train_batches_fixed = None if len(train) > batch_size else _batches(train, spec, batch_size, device)
+    valid_batches = _batches(valid, spec, batch_size, device) if valid else []
 
     optimiser = torch.optim.Adam(committee.parameters(), lr=learning_rate, amsgrad=True)
     # Cosine decay to 2% of the initial rate: small data sets need the late, gentle steps.
@@ -337,7 +344,7 @@ def train_committee(
             batches = train_batches_fixed
         else:
             order = rng.permutation(len(train))
-            batches = _batches([train[i] for i in order], spec, batch_size)
+            batches = _batches([train[i] for i in order], spec, batch_size, device)
         total = 0.0
         for batch in batches:
             optimiser.zero_grad(set_to_none=True)
@@ -360,6 +367,7 @@ def train_committee(
     committee.eval()
     if valid:
         committee.spec.calibration = calibrate(committee, valid)
+    committee = committee.to("cpu")  # files and callers get CPU tensors; they move it where they run
     report = TrainReport(
         epochs=epochs,
         wall_time_s=time.perf_counter() - start,
@@ -378,8 +386,8 @@ def _errors_and_spreads(
     de, se, df, sf = [], [], [], []
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
-        batch = build_batch(chunk, ensemble.z_table, ensemble.r_max, dtype=ensemble.spec.dtype)
-        pred = ensemble.predict(batch)
+        batch = build_batch(chunk, ensemble.z_table, ensemble.r_max, dtype=ensemble.spec.dtype, device=ensemble.device)
+        pred = {k: v.cpu() for k, v in ensemble.predict(batch).items()}
         energies, forces = pred["energies"].numpy(), pred["forces_members"].numpy()
         de.append(energies.mean(0) - [reference_energy(a) for a in chunk])
         se.append(energies.std(0))
@@ -423,8 +431,9 @@ def evaluate(committee: Ensemble, frames: Sequence[Atoms], batch_size: int = 64)
     n_charges = 0
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
-        batch = build_batch(chunk, committee.z_table, committee.r_max, dtype=committee.spec.dtype)
-        pred = committee.predict(batch)
+        batch = build_batch(chunk, committee.z_table, committee.r_max, dtype=committee.spec.dtype, device=committee.device)
+        pred = {k: v.cpu() for k, v in committee.predict(batch).items()}
+        batch = {k: v.cpu() for k, v in batch.items()}
         n_atoms = np.array([len(a) for a in chunk])
         de.append((pred["energy"].numpy() - [reference_energy(a) for a in chunk]) / n_atoms)
         df.append(pred["forces"].numpy() - np.concatenate([reference_forces(a) for a in chunk]))

@@ -137,7 +137,7 @@ class _Wider:
 
     def __init__(self, inner, factor: float) -> None:
         self.inner, self.factor = inner, factor
-        self.spec, self.z_table, self.r_max = inner.spec, inner.z_table, inner.r_max
+        self.spec, self.z_table, self.r_max, self.device = inner.spec, inner.z_table, inner.r_max, inner.device
 
     def predict(self, batch):
         out = dict(self.inner.predict(batch))

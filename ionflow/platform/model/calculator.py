@@ -34,8 +34,11 @@ class CommitteeCalculator(Calculator):
     def calculate(self, atoms: Atoms | None = None, properties=None, system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         periodic = bool(np.all(self.atoms.pbc))
-        batch = build_batch([self.atoms], self.committee.z_table, self.committee.r_max, dtype=self.committee.spec.dtype)
-        pred = self.committee.predict(batch, compute_stress=periodic)
+        batch = build_batch(
+            [self.atoms], self.committee.z_table, self.committee.r_max, dtype=self.committee.spec.dtype,
+            device=self.committee.device,
+        )
+        pred = {k: v.cpu() for k, v in self.committee.predict(batch, compute_stress=periodic).items()}
         energy = float(pred["energy"][0])
         self.results = {
             "energy": energy,

@@ -106,6 +106,11 @@ class Ensemble(torch.nn.Module):
     def size(self) -> int:
         return int(self.spec.hyper["ensemble_size"])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the ensemble's weights are (batches must be built there)."""
+        return next(self.parameters()).device
+
     def predict(self, batch: dict[str, torch.Tensor], compute_stress: bool = False) -> dict[str, torch.Tensor]:
         """Ensemble mean and calibrated spread, detached.
 
@@ -131,6 +136,20 @@ class Ensemble(torch.nn.Module):
         if compute_stress:
             result["stress"] = out["stress"].detach().mean(0)
         return result
+
+
+def pick_device() -> torch.device:
+    """``IONFLOW_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``) when set, else the first CUDA GPU when
+    this machine has one, else the CPU: training and MD use a GPU worker's GPU unasked."""
+    import os
+
+    name = os.environ.get("IONFLOW_DEVICE")
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"IONFLOW_DEVICE={name} but torch sees no CUDA device")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Committee(Ensemble):
