@@ -430,9 +430,6 @@ def deploy(
     """
     cfg = _load(config)
     _check_reference(cfg, config)
-    if not os.environ.get("PREFECT_API_URL"):
-        _fail("set PREFECT_API_URL to your Prefect server's API (e.g. http://127.0.0.1:4200/api); "
-              "a deployment needs a server that outlives this command")
     if cron is not None:
         from prefect.client.schemas.schedules import CronSchedule
         from pydantic import ValidationError
@@ -441,6 +438,9 @@ def deploy(
             CronSchedule(cron=cron)
         except ValidationError:
             _fail(f"--cron {cron!r} is not a valid cron expression")
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("set PREFECT_API_URL to your Prefect server's API (e.g. http://127.0.0.1:4200/api); "
+              "a deployment needs a server that outlives this command")
     _prefect_environment()
     from ionflow.flows.deploy import deploy_campaign
 

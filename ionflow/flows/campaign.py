@@ -30,6 +30,7 @@ from ionflow.db.queries import asked_to_label
 from ionflow.db.records import iteration_row
 from ionflow.flows import report
 from ionflow.flows.tasks import (
+    LABEL_TAG,
     bootstrap_task,
     close_iteration_task,
     context,
@@ -152,8 +153,10 @@ def _label(config_path: str, campaign_id: int, index: int) -> None:
     """The label step: on local worker processes, or (``execution.task_runner: dask``) as
     chunks of Prefect tasks on a Dask cluster, each committing its results as they end."""
     cfg = context(config_path).config.execution
+    # under a deployment, the label tasks carry the tag that `ionflow deploy --label-concurrency` limits
+    tags = [LABEL_TAG] if runtime.deployment.id else []
     if cfg.task_runner == "local":
-        label_task(config_path, campaign_id, index)
+        label_task.with_options(tags=tags)(config_path, campaign_id, index)
         return
     from prefect_dask import DaskTaskRunner
 
@@ -172,7 +175,7 @@ def _label(config_path: str, campaign_id: int, index: int) -> None:
     with runner:
         futures = [
             runner.submit(
-                label_chunk_task,
+                label_chunk_task.with_options(tags=tags),
                 parameters={"config_path": config_path, "index": index, "iteration_id": iteration_id, "structure_ids": chunk},
             )
             for chunk in chunks

@@ -415,13 +415,13 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
     return counts
 
 
-@task(name="label-plan", tags=[LABEL_TAG])
+@task(name="label-plan")
 def label_plan_task(config_path: str, campaign_id: int, index: int) -> tuple[int | None, list[int], int]:
     """The distributed label step's first part: what is still to compute (ids only)."""
     return _pending(context(config_path), campaign_id, index)
 
 
-@task(name="label-chunk", tags=[LABEL_TAG])
+@task(name="label-chunk")
 def label_chunk_task(config_path: str, index: int, iteration_id: int, structure_ids: list[int]) -> tuple[dict[str, int], int]:
     """Label a chunk of structures where the task runs (a Dask worker), one calculation at a
     time, each committed to the database as it ends; return (counts, raced)."""

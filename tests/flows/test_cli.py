@@ -117,3 +117,12 @@ def test_db_upgrade_migrates_a_database_given_by_url_or_environment(tmp_path, mo
     assert result.output.strip() == "0001"
     result = runner.invoke(app, ["db", "upgrade", "postgresql+psycopg://nobody:pw@127.0.0.1:1/none"])
     assert result.exit_code == 2 and "cannot reach" in result.output and "pw" not in result.output.replace("psycopg", "")
+
+
+def test_deploy_refuses_a_bad_schedule_and_a_missing_server(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    path = write_campaign(tmp_path, tiny_campaign(tmp_path))
+    result = runner.invoke(app, ["deploy", str(path), "--cron", "every tuesday"])
+    assert result.exit_code == 2 and "not a valid cron expression" in result.output
+    result = runner.invoke(app, ["deploy", str(path)])
+    assert result.exit_code == 2 and "PREFECT_API_URL" in result.output

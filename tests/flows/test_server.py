@@ -146,12 +146,13 @@ with get_client(sync_client=True) as client:
     print(json.dumps([{"flow": flows[r.flow_id], "state": r.state.type.value, "tags": r.tags, "parent": str(r.parent_task_run_id)} for r in runs]))
     limits = client.read_concurrency_limits(limit=10, offset=0)
     print(json.dumps([{"tag": c.tag, "limit": c.concurrency_limit} for c in limits]))
+    print(json.dumps([{"name": t.name, "tags": t.tags} for t in client.read_task_runs()]))
 """
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     import json
 
-    runs, limits = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
-    return runs, limits
+    runs, limits, tasks = (json.loads(line) for line in out.stdout.strip().splitlines()[-3:])
+    return runs, limits, tasks
 
 
 def test_deployed_campaign_runs_on_work_pools_and_survives_a_killed_worker(server, tmp_path):
@@ -170,7 +171,7 @@ def test_deployed_campaign_runs_on_work_pools_and_survives_a_killed_worker(serve
         out, err = waiter.communicate(timeout=600)
         assert out.strip().endswith("COMPLETED"), out + err + (home / "cpu-1.log").read_text()[-4000:]
 
-        runs, limits = _flow_runs(env)
+        runs, limits, tasks = _flow_runs(env)
         by_flow = {}
         for run in runs:
             by_flow.setdefault(run["flow"], []).append(run)
@@ -180,6 +181,8 @@ def test_deployed_campaign_runs_on_work_pools_and_survives_a_killed_worker(serve
         assert len(gpu_runs) == 3 and all(r["state"] == "COMPLETED" for r in gpu_runs)
         assert all(r["parent"] != "None" for r in gpu_runs)  # sub-flow runs of the campaign
         assert {"tag": "ionflow-label", "limit": 1} in limits
+        label_runs = [t for t in tasks if t["name"].startswith("label-")]
+        assert len(label_runs) == 2 and all("ionflow-label" in t["tags"] for t in label_runs)  # the limit applies
 
         engine = make_engine(f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'ionflow.db'}")
         with session_scope(session_factory(engine)) as session:
