@@ -209,6 +209,20 @@ def test_deployed_campaign_runs_on_work_pools_and_survives_a_killed_worker(serve
         waiter = _run_deployment(env, "ionflow-campaign/tiny")
         out, err = waiter.communicate(timeout=600)
         assert out.strip().endswith("COMPLETED"), out + err + (home / "cpu-2.log").read_text()[-4000:]
+        # a recurring campaign: the schedule is the deployment's
+        redeployed = subprocess.run(
+            [str(BIN / "ionflow"), "deploy", str(path), "--cron", "0 3 * * *"], env=env, capture_output=True, text=True,
+            timeout=300,
+        )
+        assert redeployed.returncode == 0 and "schedule 0 3 * * *" in redeployed.stdout, redeployed.stderr
+        code = (
+            "from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    d = c.read_deployment_by_name('ionflow-campaign/tiny')\n"
+            "    print([s.schedule.cron for s in d.schedules], d.parameters['config_path'])"
+        )
+        shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert shown.stdout.strip() == f"['0 3 * * *'] {path.resolve()}", shown.stderr
     finally:
         _stop(cpu)
         _stop(gpu)
