@@ -136,7 +136,7 @@ def insert_ignore(session: Session, model: type, values: dict[str, Any], unique:
     elif dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     else:
-        raise NotImplementedError(f"ionflow supports SQLite and PostgreSQL, not {dialect}")
+        raise ValueError(f"ionflow's provenance database is SQLite or PostgreSQL, not {dialect}")
     session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=unique))
 
 

@@ -7,6 +7,7 @@ import json
 import socket
 import time
 import traceback
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ class ReferenceAdapter(Protocol):
         ...
 
 
-class InProcessAdapter:
+class InProcessAdapter(ABC):
     """Shared machinery of adapters that compute in the calling process (PySCF, tblite).
 
     A subclass sets ``name``, ``code_version`` and ``_compute(atoms, run_dir) -> fields``;
@@ -124,8 +125,9 @@ class InProcessAdapter:
         """The status of a calculation that raised ``exc`` (``failed`` unless a subclass knows better)."""
         return "failed"
 
+    @abstractmethod
     def _compute(self, atoms: Atoms, run_dir: Path | None) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} does not define _compute")
+        """One calculation: the fields of its :class:`LabelResult` (status and results, or error)."""
 
     def result(self, wall_time_s: float, run_dir: Path | None, **fields: Any) -> LabelResult:
         """A :class:`LabelResult` stamped with this adapter's code, version, settings hash and host."""
