@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -264,8 +265,6 @@ class ASEAdapter:
             if run_dir is not None:
                 results.append(self._label_one(atoms, run_dir))
                 continue
-            import tempfile
-
             with tempfile.TemporaryDirectory(prefix="ionflow-ase-", dir=self.scratch) as tmp:
                 result = self._label_one(atoms, Path(tmp))
                 result.run_dir = None
