@@ -47,6 +47,7 @@ from ionflow.dft_adapters.base import (
     LabelResult,
     check_charge_states,
     check_run_dirs,
+    child_environment,
     finish_run_dir,
     make_result,
     settings_hash,
@@ -310,16 +311,6 @@ class ASEAdapter:
         finish_run_dir(run_dir, result)
         return result
 
-    def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if self.num_threads is not None:
-            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-                env[var] = str(self.num_threads)
-        # the child must import this very ionflow, whatever its working directory
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        return env
-
     def _run(self, atoms: Atoms, folder: Path, parameters: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
         """One attempt in ``folder``: the fields of a LabelResult (status, error, arrays)."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -342,7 +333,7 @@ class ASEAdapter:
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
-                env=self._environment(),
+                env=child_environment(self.num_threads),
                 start_new_session=True,  # its own process group: a timeout kills the code too
             )
             try:

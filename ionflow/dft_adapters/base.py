@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import time
 import traceback
@@ -145,6 +146,22 @@ def make_result(adapter: Any, wall_time_s: float, run_dir: Path | None, **fields
         run_dir=str(run_dir) if run_dir is not None else None,
         **fields,
     )
+
+
+#: Environment variables that bound the threads of OpenMP and the BLAS libraries.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+def child_environment(threads: int | None) -> dict[str, str]:
+    """The environment of a child Python process that labels: this one's, with ``threads`` in
+    every thread-count variable (set before the child loads numpy or the code), and this very
+    ionflow importable whatever the child's working directory."""
+    env = dict(os.environ)
+    if threads is not None:
+        env.update({var: str(threads) for var in THREAD_VARIABLES})
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def check_charge_states(structures: list[Atoms]) -> None:

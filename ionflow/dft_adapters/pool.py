@@ -36,13 +36,10 @@ from ionflow.dft_adapters import ReferenceAdapter, get_adapter
 from ionflow.dft_adapters.base import (
     LabelResult,
     check_run_dirs,
+    child_environment,
     finish_run_dir,
     make_result,
 )
-
-#: Environment variables that bound the threads of OpenMP and the BLAS libraries.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
-
 
 def default_threads(workers: int) -> int:
     """Threads per worker that fill this machine's cores without oversubscribing them."""
@@ -85,9 +82,7 @@ class _Workers:
 
     def __init__(self, name: str, settings: dict[str, Any], workers: int, threads: int) -> None:
         self.name, self.settings = name, settings
-        self.env = dict(os.environ, **{var: str(threads) for var in THREAD_VARIABLES})
-        package_root = str(Path(__file__).resolve().parents[2])
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        self.env = child_environment(threads)
         self.slots = [self._start() for _ in range(workers)]
 
     def _start(self) -> _Slot:
