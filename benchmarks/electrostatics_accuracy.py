@@ -123,15 +123,24 @@ def main() -> None:
         hyper = ModelConfig(ensemble_size=2, r_max=R_MAX, electrostatics=mode).model_dump()
         t = time.perf_counter()
         committee, report = train_committee(
-            train, valid, hyper, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=32,
-            energy_weight=args.energy_weight, forces_weight=1.0, seed=args.seed,
+            train,
+            valid,
+            hyper,
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            batch_size=32,
+            energy_weight=args.energy_weight,
+            forces_weight=1.0,
+            seed=args.seed,
         )
         row = {"train_s": round(time.perf_counter() - t, 1), "best_epoch": report.best_epoch}
         row.update({k: round(v, 4) for k, v in errors(committee, test).items()})
         beyond = [a for a, g in zip(test, gaps) if g > R_MAX]
         row["beyond_r_max"] = {k: round(v, 4) for k, v in errors(committee, beyond).items()}
         row["per_system_energy_rmse_eV"] = {
-            kind: round(errors(committee, [a for a, k in zip(test, test_kinds) if k == kind])["energy_rmse_eV_per_dimer"], 4)
+            kind: round(
+                errors(committee, [a for a, k in zip(test, test_kinds) if k == kind])["energy_rmse_eV_per_dimer"], 4
+            )
             for kind in sorted(set(test_kinds))
         }
         results[mode] = row
@@ -155,7 +164,13 @@ def main() -> None:
             "unconverged_skipped": failed,
             "label_s": round(label_s, 1),
         },
-        "training": {"epochs": args.epochs, "learning_rate": args.learning_rate, "energy_weight": args.energy_weight, "ensemble_size": 2, "r_max": R_MAX},
+        "training": {
+            "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
+            "energy_weight": args.energy_weight,
+            "ensemble_size": 2,
+            "r_max": R_MAX,
+        },
         "results": results,
         "ratios_local_over_electrostatic": ratios,
     }

@@ -60,7 +60,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name, _, _ in CONFIGS}
     energies = {}
     for r in range(args.repeats):
-        order = CONFIGS[r % len(CONFIGS):] + CONFIGS[: r % len(CONFIGS)]
+        order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
         for name, workers, threads in order:
             elapsed, e = run(frames, workers, threads)
             times[name].append(elapsed)
@@ -72,8 +72,10 @@ def main() -> None:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     serial = median[CONFIGS[0][0]]
-    print(f"\n{platform.machine()}, {os.cpu_count()} cores, {date.today()}, {args.n} x CH3OH PBE/def2-SVP, "
-          f"median of {args.repeats}")
+    print(
+        f"\n{platform.machine()}, {os.cpu_count()} cores, {date.today()}, {args.n} x CH3OH PBE/def2-SVP, "
+        f"median of {args.repeats}"
+    )
     print("| configuration | wall (s) | per structure (s) | speed-up vs 1x1 |")
     print("| --- | --- | --- | --- |")
     for name, _, _ in CONFIGS:

@@ -38,8 +38,27 @@ def populate(url: str) -> int:
     engine = make_engine(url)
     now = utcnow()
     with engine.begin() as conn:
-        conn.execute(insert(orm.Campaign), [{"id": 1, "name": "long", "config": {}, "config_hash": "c" * 64, "workdir": "/runs/long", "status": "finished", "created_at": now}])
-        conn.execute(insert(orm.Iteration), [{"id": i + 1, "campaign_id": 1, "index": i, "status": "done", "created_at": now} for i in range(ITERATIONS + 1)])
+        conn.execute(
+            insert(orm.Campaign),
+            [
+                {
+                    "id": 1,
+                    "name": "long",
+                    "config": {},
+                    "config_hash": "c" * 64,
+                    "workdir": "/runs/long",
+                    "status": "finished",
+                    "created_at": now,
+                }
+            ],
+        )
+        conn.execute(
+            insert(orm.Iteration),
+            [
+                {"id": i + 1, "campaign_id": 1, "index": i, "status": "done", "created_at": now}
+                for i in range(ITERATIONS + 1)
+            ],
+        )
         structures, members, runs, decisions, calcs, models, training = [], [], [], [], [], [], []
         sid = 0
         labelled: list[int] = []
@@ -47,12 +66,48 @@ def populate(url: str) -> int:
         def structure(origin: str, iteration: int, run: int | None) -> int:
             nonlocal sid
             sid += 1
-            structures.append({"id": sid, "hash": f"{sid:064x}", "formula": "H5O2", "n_atoms": 7, "charge": 1, "multiplicity": 1, "path": f"structures/{sid}.extxyz", "created_at": now})
-            members.append({"campaign_id": 1, "structure_id": sid, "iteration_id": iteration + 1, "md_run_id": run, "origin": origin, "created_at": now})
+            structures.append(
+                {
+                    "id": sid,
+                    "hash": f"{sid:064x}",
+                    "formula": "H5O2",
+                    "n_atoms": 7,
+                    "charge": 1,
+                    "multiplicity": 1,
+                    "path": f"structures/{sid}.extxyz",
+                    "created_at": now,
+                }
+            )
+            members.append(
+                {
+                    "campaign_id": 1,
+                    "structure_id": sid,
+                    "iteration_id": iteration + 1,
+                    "md_run_id": run,
+                    "origin": origin,
+                    "created_at": now,
+                }
+            )
             return sid
 
         def label(structure_id: int, iteration: int) -> None:
-            calcs.append({"id": structure_id, "structure_id": structure_id, "adapter": "pyscf", "code_version": "pyscf 2.14.0", "settings_hash": "s" * 64, "settings": {}, "status": "ok", "energy": -4000.0, "results_path": f"arrays/{structure_id}.npz", "results_sha256": "0" * 64, "wall_time_s": 3.0, "iteration_id": iteration + 1, "created_at": now})
+            calcs.append(
+                {
+                    "id": structure_id,
+                    "structure_id": structure_id,
+                    "adapter": "pyscf",
+                    "code_version": "pyscf 2.14.0",
+                    "settings_hash": "s" * 64,
+                    "settings": {},
+                    "status": "ok",
+                    "energy": -4000.0,
+                    "results_path": f"arrays/{structure_id}.npz",
+                    "results_sha256": "0" * 64,
+                    "wall_time_s": 3.0,
+                    "iteration_id": iteration + 1,
+                    "created_at": now,
+                }
+            )
             labelled.append(structure_id)
 
         for _ in range(BOOTSTRAP):
@@ -61,29 +116,78 @@ def populate(url: str) -> int:
         for it in range(1, ITERATIONS + 1):
             for w in range(RUNS):
                 run_id += 1
-                runs.append({"id": run_id, "campaign_id": 1, "iteration_id": it + 1, "model_id": it, "start_structure_id": 1, "walker": w, "temperature_K": 350.0, "timestep_fs": 0.5, "n_steps_requested": 1000, "n_steps_done": 1000, "stop_reason": "completed", "wall_time_s": 10.0, "created_at": now})
+                runs.append(
+                    {
+                        "id": run_id,
+                        "campaign_id": 1,
+                        "iteration_id": it + 1,
+                        "model_id": it,
+                        "start_structure_id": 1,
+                        "walker": w,
+                        "temperature_K": 350.0,
+                        "timestep_fs": 0.5,
+                        "n_steps_requested": 1000,
+                        "n_steps_done": 1000,
+                        "stop_reason": "completed",
+                        "wall_time_s": 10.0,
+                        "created_at": now,
+                    }
+                )
                 for f in range(FRAMES):
                     s = structure("md", it, run_id)
                     chosen = w == 0 and f < CHOSEN
-                    decisions.append({"iteration_id": it + 1, "structure_id": s, "md_run_id": run_id, "score": 0.3, "energy_uncertainty": 0.01, "threshold": 0.1, "chosen": chosen, "reason": "selected" if chosen else "below threshold", "created_at": now})
+                    decisions.append(
+                        {
+                            "iteration_id": it + 1,
+                            "structure_id": s,
+                            "md_run_id": run_id,
+                            "score": 0.3,
+                            "energy_uncertainty": 0.01,
+                            "threshold": 0.1,
+                            "chosen": chosen,
+                            "reason": "selected" if chosen else "below threshold",
+                            "created_at": now,
+                        }
+                    )
                     if chosen:
                         label(s, it)
         for it in range(ITERATIONS + 1):
-            models.append({"id": it + 1, "campaign_id": 1, "iteration_id": it + 1, "version": it, "parent_id": it if it else None, "kind": "mace-committee", "hyperparameters": {}, "metrics": {}, "checkpoint_path": f"models/model-v{it}.pt", "checkpoint_sha256": "0" * 64, "created_at": now})
+            models.append(
+                {
+                    "id": it + 1,
+                    "campaign_id": 1,
+                    "iteration_id": it + 1,
+                    "version": it,
+                    "parent_id": it if it else None,
+                    "kind": "mace-committee",
+                    "hyperparameters": {},
+                    "metrics": {},
+                    "checkpoint_path": f"models/model-v{it}.pt",
+                    "checkpoint_sha256": "0" * 64,
+                    "created_at": now,
+                }
+            )
             n_labels = BOOTSTRAP + CHOSEN * it
             training.extend({"model_id": it + 1, "calculation_id": c, "split": "train"} for c in labelled[:n_labels])
         # parents before children: one insert per table in dependency order
         conn.execute(insert(orm.Structure), structures)
         for row in models:  # parents first
             conn.execute(insert(orm.Model), [row])
-        for model, rows in ((orm.MDRun, runs), (orm.CampaignStructure, members), (orm.SelectionDecision, decisions), (orm.Calculation, calcs)):
+        for model, rows in (
+            (orm.MDRun, runs),
+            (orm.CampaignStructure, members),
+            (orm.SelectionDecision, decisions),
+            (orm.Calculation, calcs),
+        ):
             for k in range(0, len(rows), 20_000):
                 conn.execute(insert(model), rows[k : k + 20_000])
         for k in range(0, len(training), 20_000):
             conn.execute(insert(orm.TrainingMember), training[k : k + 20_000])
         if engine.dialect.name == "postgresql":  # explicit ids: move the sequences past them
             for table in ("campaign", "iteration", "structure", "md_run", "calculation", "model"):
-                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"))
+                conn.execute(
+                    text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+                )
             conn.execute(text("ANALYZE"))
         else:
             conn.execute(text("ANALYZE"))
@@ -128,7 +232,11 @@ def main() -> None:
         with admin.begin() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         try:
-            url = make_url(args.postgres).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+            url = (
+                make_url(args.postgres)
+                .update_query_dict({"options": f"-csearch_path={schema}"})
+                .render_as_string(hide_password=False)
+            )
             upgrade(url)
             t = time.perf_counter()
             model_id = populate(url)
@@ -143,7 +251,9 @@ def main() -> None:
     print("| database | lineage (ms) | ancestors | members | structures | md_runs | decisions |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, seconds, sizes in results:
-        print(f"| {name} | {1000 * seconds:.1f} | {sizes['ancestors']} | {sizes['members']} | {sizes['structures']} | {sizes['md_runs']} | {sizes['decisions']} |")
+        print(
+            f"| {name} | {1000 * seconds:.1f} | {sizes['ancestors']} | {sizes['members']} | {sizes['structures']} | {sizes['md_runs']} | {sizes['decisions']} |"
+        )
 
 
 if __name__ == "__main__":

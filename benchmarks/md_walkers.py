@@ -24,9 +24,13 @@ from ionflow.platform.model import Committee, ModelSpec
 from ionflow.platform.structures import rattled, with_charge_state
 
 ZUNDEL = [
-    ("O", (0.0, 0.0746, 1.2269)), ("O", (0.0, -0.0746, -1.2269)), ("H", (0.0, 0.0, 0.0)),
-    ("H", (0.7888, 0.5146, 1.5803)), ("H", (-0.7888, 0.5146, 1.5803)),
-    ("H", (0.7888, -0.5146, -1.5803)), ("H", (-0.7888, -0.5146, -1.5803)),
+    ("O", (0.0, 0.0746, 1.2269)),
+    ("O", (0.0, -0.0746, -1.2269)),
+    ("H", (0.0, 0.0, 0.0)),
+    ("H", (0.7888, 0.5146, 1.5803)),
+    ("H", (-0.7888, 0.5146, 1.5803)),
+    ("H", (0.7888, -0.5146, -1.5803)),
+    ("H", (-0.7888, -0.5146, -1.5803)),
 ]
 
 
@@ -37,10 +41,19 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     args = parser.parse_args()
     start = with_charge_state(Atoms([s for s, _ in ZUNDEL], positions=[p for _, p in ZUNDEL]), 1, 1)
-    spec = ModelSpec(hyper=ModelConfig(dtype=args.dtype).model_dump(), z_table=[1, 8], atomic_energies=[-13.6, -2041.0], scale=3.0)
+    spec = ModelSpec(
+        hyper=ModelConfig(dtype=args.dtype).model_dump(), z_table=[1, 8], atomic_energies=[-13.6, -2041.0], scale=3.0
+    )
     committee = Committee(spec)
     starts = rattled(start, args.walkers, 0.02, seed=0)
-    md = dict(steps=args.steps, timestep_fs=0.5, temperature_K=350.0, friction_per_fs=0.02, sample_every=10, stop_uncertainty=1e9)
+    md = dict(
+        steps=args.steps,
+        timestep_fs=0.5,
+        temperature_K=350.0,
+        friction_per_fs=0.02,
+        sample_every=10,
+        stop_uncertainty=1e9,
+    )
 
     run_walkers(committee, starts[:1], **{**md, "steps": 5}, seed=0)  # warm-up (TorchScript, allocations)
     t0 = time.perf_counter()

@@ -53,14 +53,16 @@ def real_server(database_url: str):
     env = dict(os.environ, PREFECT_API_DATABASE_CONNECTION_URL=database_url)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
     try:
         for _ in range(240):
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
             time.sleep(0.5)
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -131,15 +133,22 @@ def main() -> None:
     print(f"| flow run per Prefect (start to end) | {flow_s:.1f} | |")
     print(f"| inside the {len(top)} task runs | {tasks_s:.1f} | {100 * tasks_s / wall:.1f}% |")
     print(f"| orchestration (wall - tasks) | {orchestration:.2f} | {100 * orchestration / wall:.2f}% |")
-    print(f"| database: {sql_during_flow['statements']} SQL statements | {sql_during_flow['seconds']:.2f} | {100 * sql_during_flow['seconds'] / wall:.2f}% |")
+    print(
+        f"| database: {sql_during_flow['statements']} SQL statements | {sql_during_flow['seconds']:.2f} | {100 * sql_during_flow['seconds'] / wall:.2f}% |"
+    )
     print(f"| **overhead (orchestration + database)** | {overhead:.2f} | **{100 * overhead / wall:.2f}%** |")
-    backend = f"prefect server on {args.server_db.split('@')[-1]}" if args.server_db else "temporary SQLite-backed server"
+    backend = (
+        f"prefect server on {args.server_db.split('@')[-1]}" if args.server_db else "temporary SQLite-backed server"
+    )
     print(f"| server start ({backend}; once per `ionflow run`) | {server_s:.1f} | |")
     ordered = sorted(top, key=lambda r: r.start_time)
     edges = [(flow_run.start_time, "flow start")] + [(r.end_time, r.name) for r in ordered]
     gaps = [((r.start_time - prev).total_seconds(), f"{name} -> {r.name}") for (prev, name), r in zip(edges, ordered)]
     gaps.append(((flow_run.end_time - ordered[-1].end_time).total_seconds(), f"{ordered[-1].name} -> flow end"))
-    print("\nlargest gaps between task runs (s):", ", ".join(f"{g:.2f} ({what})" for g, what in sorted(gaps, reverse=True)[:6]))
+    print(
+        "\nlargest gaps between task runs (s):",
+        ", ".join(f"{g:.2f} ({what})" for g, what in sorted(gaps, reverse=True)[:6]),
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

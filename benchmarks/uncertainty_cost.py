@@ -42,8 +42,13 @@ from ionflow.platform.structures import rattled, with_charge_state  # noqa: E402
 ZUNDEL = Atoms(
     "OOHHHHH",
     positions=[
-        [0.0, 0.0, 1.2], [0.0, 0.0, -1.2], [0.0, 0.1, 0.0], [0.78, -0.5, 1.6],
-        [-0.78, -0.5, 1.6], [0.79, -0.51, -1.58], [-0.79, -0.51, -1.58],
+        [0.0, 0.0, 1.2],
+        [0.0, 0.0, -1.2],
+        [0.0, 0.1, 0.0],
+        [0.78, -0.5, 1.6],
+        [-0.78, -0.5, 1.6],
+        [0.79, -0.51, -1.58],
+        [-0.79, -0.51, -1.58],
     ],
 )
 HYDRONIUM = Atoms("OH3", positions=[[0.0, 0.0, 0.12], [0.0, 0.94, -0.16], [0.81, -0.47, -0.16], [-0.83, -0.46, -0.15]])
@@ -129,7 +134,11 @@ def quality() -> list[dict]:
     rows = []
     for kind, k in [("committee", 4), ("shallow", 4), ("shallow", 8)]:
         hyper = ModelConfig(
-            uncertainty=kind, ensemble_size=k, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", electrostatics="equilibrated"
+            uncertainty=kind,
+            ensemble_size=k,
+            hidden_irreps="8x0e+8x1o",
+            mlp_irreps="8x0e",
+            electrostatics="equilibrated",
         ).model_dump()
         t0 = time.perf_counter()
         model, _ = train_committee(

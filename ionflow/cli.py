@@ -118,8 +118,10 @@ def validate(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -
     """Check a campaign file without running anything."""
     cfg = _load(config)
     _check_reference(cfg, config)
-    err.print(f"[green]ok:[/] {config} is a valid campaign ({cfg.name}, {len(cfg.system.atoms())} atoms, "
-              f"charge {cfg.system.charge}, multiplicity {cfg.system.multiplicity})")
+    err.print(
+        f"[green]ok:[/] {config} is a valid campaign ({cfg.name}, {len(cfg.system.atoms())} atoms, "
+        f"charge {cfg.system.charge}, multiplicity {cfg.system.multiplicity})"
+    )
 
 
 @app.command()
@@ -200,11 +202,15 @@ def status(
 
 @app.command()
 def train(
-    data: Path = typer.Argument(..., help="Labelled structures (extxyz): REF_energy/REF_forces or plain energy/forces."),
+    data: Path = typer.Argument(
+        ..., help="Labelled structures (extxyz): REF_energy/REF_forces or plain energy/forces."
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="Model file to write (.pt)."),
     config: Path | None = typer.Option(None, "--config", help="YAML with 'model:' and 'training:' sections."),
     electrostatics: str | None = typer.Option(None, help="Long-range head: none, latent, equilibrated, polarisable."),
-    uncertainty: str | None = typer.Option(None, help="committee (independent members) or shallow (one backbone, K heads)."),
+    uncertainty: str | None = typer.Option(
+        None, help="committee (independent members) or shallow (one backbone, K heads)."
+    ),
     ensemble_size: int | None = typer.Option(None, help="Members of the committee, or heads of the shallow ensemble."),
     epochs: int | None = typer.Option(None, help="Training epochs."),
     valid_fraction: float | None = typer.Option(None, help="Share of frames held out for validation."),
@@ -218,7 +224,15 @@ def train(
     from ionflow.config import ConfigError, load_train_config
 
     overrides = {
-        "model": {k: v for k, v in {"electrostatics": electrostatics, "uncertainty": uncertainty, "ensemble_size": ensemble_size}.items() if v is not None},
+        "model": {
+            k: v
+            for k, v in {
+                "electrostatics": electrostatics,
+                "uncertainty": uncertainty,
+                "ensemble_size": ensemble_size,
+            }.items()
+            if v is not None
+        },
         "training": {k: v for k, v in {"epochs": epochs, "valid_fraction": valid_fraction}.items() if v is not None},
     }
     try:
@@ -269,10 +283,14 @@ def train(
     save_model(committee, output)
     out.print(_metrics_table(metrics))
     calibration = committee.spec.calibration
-    out.print(f"uncertainty calibration (fitted on the validation frames): energy spread × {calibration['energy']:.3g}, "
-              f"force spread × {calibration['forces']:.3g}")
-    out.print(f"[bold green]saved[/] {output}  (best epoch {report.best_epoch + 1}/{report.epochs}, "
-              f"{report.wall_time_s:.1f} s)")
+    out.print(
+        f"uncertainty calibration (fitted on the validation frames): energy spread × {calibration['energy']:.3g}, "
+        f"force spread × {calibration['forces']:.3g}"
+    )
+    out.print(
+        f"[bold green]saved[/] {output}  (best epoch {report.best_epoch + 1}/{report.epochs}, "
+        f"{report.wall_time_s:.1f} s)"
+    )
 
 
 def _label_settings(settings_file: Path | None, assignments: list[str]) -> dict:
@@ -313,13 +331,22 @@ def _label_settings(settings_file: Path | None, assignments: list[str]) -> dict:
 
 @app.command()
 def label(
-    structures: Path = typer.Argument(..., help="Structures to label (extxyz or any ASE-readable file); charge and "
-                                      "multiplicity from each frame's info (default 0 and 1)."),
-    output: Path = typer.Argument(..., help="Labelled structures to write (extxyz): REF_energy (eV), REF_forces "
-                                  "(eV/Å) and what else the code gives."),
+    structures: Path = typer.Argument(
+        ...,
+        help="Structures to label (extxyz or any ASE-readable file); charge and "
+        "multiplicity from each frame's info (default 0 and 1).",
+    ),
+    output: Path = typer.Argument(
+        ...,
+        help="Labelled structures to write (extxyz): REF_energy (eV), REF_forces (eV/Å) and what else the code gives.",
+    ),
     adapter: str = typer.Option(..., "--adapter", "-a", help="Reference adapter: pyscf, tblite or ase."),
-    settings_file: Path | None = typer.Option(None, "--settings", help="YAML with the adapter's settings (or a campaign file)."),
-    assignments: list[str] = typer.Option([], "--set", help="One setting as key=value (repeatable; a.b=v for nested keys)."),
+    settings_file: Path | None = typer.Option(
+        None, "--settings", help="YAML with the adapter's settings (or a campaign file)."
+    ),
+    assignments: list[str] = typer.Option(
+        [], "--set", help="One setting as key=value (repeatable; a.b=v for nested keys)."
+    ),
     workers: int = typer.Option(1, min=1, help="Calculations at once."),
     threads: int | None = typer.Option(None, min=1, help="Threads per calculation (default: cores / workers)."),
     timeout: float | None = typer.Option(None, min=0.001, help="Seconds one calculation may take before it is killed."),
@@ -359,7 +386,14 @@ def label(
 
     try:
         outcome = label_file(
-            frames, output, adapter, settings, runs=runs, workers=workers, threads=threads, timeout_s=timeout,
+            frames,
+            output,
+            adapter,
+            settings,
+            runs=runs,
+            workers=workers,
+            threads=threads,
+            timeout_s=timeout,
             progress=_progress_bar(f"labelling {len(frames)} structures with {adapter} on {workers} worker(s)"),
         )
     except ValueError as exc:  # bad structures: refused before any calculation
@@ -419,7 +453,9 @@ def deploy(
     pool: str = typer.Option("cpu", help="Work pool of the campaign flow and its reference calculations."),
     gpu_pool: str = typer.Option("gpu", help="Work pool of MD and training ('' to run them in the campaign flow)."),
     cron: str | None = typer.Option(None, help="Cron schedule for a recurring campaign, e.g. '0 2 * * *'."),
-    label_concurrency: int | None = typer.Option(None, min=1, help="Label steps at once on this server (all campaigns)."),
+    label_concurrency: int | None = typer.Option(
+        None, min=1, help="Label steps at once on this server (all campaigns)."
+    ),
     create_pools: bool = typer.Option(True, help="Create missing work pools (process type)."),
 ) -> None:
     """Deploy a campaign to the Prefect server at PREFECT_API_URL: work pools, deployments, schedule.
@@ -439,21 +475,29 @@ def deploy(
         except ValidationError:
             _fail(f"--cron {cron!r} is not a valid cron expression")
     if not os.environ.get("PREFECT_API_URL"):
-        _fail("set PREFECT_API_URL to your Prefect server's API (e.g. http://127.0.0.1:4200/api); "
-              "a deployment needs a server that outlives this command")
+        _fail(
+            "set PREFECT_API_URL to your Prefect server's API (e.g. http://127.0.0.1:4200/api); "
+            "a deployment needs a server that outlives this command"
+        )
     _prefect_environment()
     from ionflow.flows.deploy import deploy_campaign
 
     try:
         done = deploy_campaign(
-            config, work_pool=pool, gpu_pool=gpu_pool or None, cron=cron, label_concurrency=label_concurrency,
+            config,
+            work_pool=pool,
+            gpu_pool=gpu_pool or None,
+            cron=cron,
+            label_concurrency=label_concurrency,
             create_pools=create_pools,
         )
     except Exception as exc:  # noqa: BLE001  an unreachable server, a missing pool: say which
         _fail(f"deploying {cfg.name} failed: {exc}")
     out = Console(highlight=False)
-    out.print(f"[green]deployed[/] ionflow-campaign/{done.campaign} on pool {done.work_pool}"
-              + (f", schedule {done.cron}" if done.cron else ""))
+    out.print(
+        f"[green]deployed[/] ionflow-campaign/{done.campaign} on pool {done.work_pool}"
+        + (f", schedule {done.cron}" if done.cron else "")
+    )
     if done.gpu_pool:
         out.print(f"[green]deployed[/] ionflow-gpu-step/{done.campaign} (MD, training) on pool {done.gpu_pool}")
     if done.label_concurrency:
@@ -496,7 +540,10 @@ def db_upgrade(
         after = current_revision(url)
     except OperationalError as exc:
         _fail(f"cannot reach {shown_url(url)}: {str(exc).splitlines()[0]}")
-    err.print(f"[green]ok:[/] {shown_url(url)} at revision {after}" + ("" if before == after else f" (was {before or 'empty'})"))
+    err.print(
+        f"[green]ok:[/] {shown_url(url)} at revision {after}"
+        + ("" if before == after else f" (was {before or 'empty'})")
+    )
 
 
 @db_app.command("current")

@@ -35,7 +35,6 @@ from ionflow.platform.structures import (
     with_charge_state,
 )
 
-
 #: Environment variable with the provenance database's URL, used when the campaign file has none.
 DATABASE_URL_VARIABLE = "IONFLOW_DATABASE_URL"
 
@@ -134,12 +133,17 @@ class ReferenceConfig(Strict):
         None, ge=1, description="Threads of each calculation; default: the cores divided among the workers."
     )
     timeout_s: float | None = Field(
-        None, gt=0, description="Wall-time limit of one calculation in s; past it the calculation is killed "
-        "and recorded as 'timeout'. None: no limit."
+        None,
+        gt=0,
+        description="Wall-time limit of one calculation in s; past it the calculation is killed "
+        "and recorded as 'timeout'. None: no limit.",
     )
     max_failure_ratio: float = Field(
-        0.5, ge=0.0, le=1.0, description="Stop the campaign, with a report, once more than this share of its "
-        "reference calculations failed, timed out or did not converge."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Stop the campaign, with a report, once more than this share of its "
+        "reference calculations failed, timed out or did not converge.",
     )
 
     @model_validator(mode="after")
@@ -292,8 +296,9 @@ class ExecutionConfig(Strict):
         "calculations as Prefect tasks on a Dask cluster (prefect-dask).",
     )
     dask_address: str | None = Field(
-        None, description="Scheduler of a running Dask cluster (e.g. one of dask-jobqueue's SLURMCluster); "
-        "None: a LocalCluster started for each label step."
+        None,
+        description="Scheduler of a running Dask cluster (e.g. one of dask-jobqueue's SLURMCluster); "
+        "None: a LocalCluster started for each label step.",
     )
     dask_workers: int = Field(2, ge=1, le=1024, description="Workers of the LocalCluster, and chunks per label step.")
 
@@ -358,7 +363,11 @@ class CampaignConfig(Strict):
     def db_url(self) -> str:
         """The provenance database: the file's ``database_url``, else ``IONFLOW_DATABASE_URL``, else
         SQLite in the campaign folder (:attr:`default_database`)."""
-        return self.database_url or os.environ.get(DATABASE_URL_VARIABLE) or f"sqlite:///{self.campaign_dir / 'ionflow.db'}"
+        return (
+            self.database_url
+            or os.environ.get(DATABASE_URL_VARIABLE)
+            or f"sqlite:///{self.campaign_dir / 'ionflow.db'}"
+        )
 
     @property
     def default_database(self) -> bool:
@@ -370,7 +379,11 @@ class CampaignConfig(Strict):
         data = self.model_dump(
             mode="json",
             exclude={
-                "workdir": True, "database_url": True, "iterations": True, "max_labels": True, "execution": True,
+                "workdir": True,
+                "database_url": True,
+                "iterations": True,
+                "max_labels": True,
+                "execution": True,
                 "reference": {"workers", "threads_per_worker", "timeout_s", "max_failure_ratio"},
             },
         )
@@ -424,7 +437,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ca
         return CampaignConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_first_errors(exc)}") from None
-
 
 
 def load_train_config(

@@ -70,8 +70,15 @@ def trained(h3o_labelled, tiny_hyper):
 
     train, valid, test = h3o_labelled[:10], h3o_labelled[10:12], h3o_labelled[12:]
     committee, report = train_committee(
-        train, valid, tiny_hyper, epochs=60, learning_rate=2e-2, batch_size=16,
-        energy_weight=10.0, forces_weight=1.0, seed=3,
+        train,
+        valid,
+        tiny_hyper,
+        epochs=60,
+        learning_rate=2e-2,
+        batch_size=16,
+        energy_weight=10.0,
+        forces_weight=1.0,
+        seed=3,
     )
     return committee, report, train, valid, test
 

@@ -199,9 +199,7 @@ def test_structure_file_is_relative_to_the_yaml_file(tmp_path, monkeypatch):
 
 def test_structure_file_charge_state_is_checked(tmp_path):
     write(tmp_path / "oh.xyz", Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.98]]))
-    message = config_error(
-        tmp_path, lambda r: r.update(system={"charge": 0, "multiplicity": 1, "structure": "oh.xyz"})
-    )
+    message = config_error(tmp_path, lambda r: r.update(system={"charge": 0, "multiplicity": 1, "structure": "oh.xyz"}))
     assert "electrons" in message
 
 

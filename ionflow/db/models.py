@@ -100,13 +100,9 @@ class Campaign(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     prefect_flow_run_id: Mapped[str | None]  # a reference only; the database is the truth
 
-    iterations: Mapped[list[Iteration]] = relationship(
-        back_populates="campaign", order_by="Iteration.index"
-    )
+    iterations: Mapped[list[Iteration]] = relationship(back_populates="campaign", order_by="Iteration.index")
     models: Mapped[list[Model]] = relationship(back_populates="campaign", order_by="Model.version")
-    members: Mapped[list[CampaignStructure]] = relationship(
-        back_populates="campaign", order_by="CampaignStructure.id"
-    )
+    members: Mapped[list[CampaignStructure]] = relationship(back_populates="campaign", order_by="CampaignStructure.id")
 
 
 class Iteration(Base):
@@ -244,9 +240,7 @@ class Model(Base):
     iteration: Mapped[Iteration | None] = relationship(back_populates="models")
     parent: Mapped[Model | None] = relationship(remote_side=[id], back_populates="children")
     children: Mapped[list[Model]] = relationship(back_populates="parent")
-    training_members: Mapped[list[TrainingMember]] = relationship(
-        back_populates="model", cascade="all, delete-orphan"
-    )
+    training_members: Mapped[list[TrainingMember]] = relationship(back_populates="model", cascade="all, delete-orphan")
 
 
 class TrainingMember(Base):

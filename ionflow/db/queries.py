@@ -136,9 +136,7 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
     ok_labels = session.execute(
         select(Calculation.iteration_id, CampaignStructure.iteration_id, func.count())
         .join(CampaignStructure, CampaignStructure.structure_id == Calculation.structure_id)
-        .where(
-            CampaignStructure.campaign_id == campaign_id, asked_to_label(campaign_id), Calculation.status == "ok"
-        )
+        .where(CampaignStructure.campaign_id == campaign_id, asked_to_label(campaign_id), Calculation.status == "ok")
         .group_by(Calculation.iteration_id, CampaignStructure.iteration_id)
     ).all()
     # the iteration index from which each group counts (None: from the start): a label is

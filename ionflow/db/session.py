@@ -7,6 +7,7 @@ them to the newest revision and is safe to call on every start.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -57,10 +58,9 @@ def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # switching takes an exclusive lock that does not wait for busy writers: switch only once.
     cursor.execute("PRAGMA journal_mode")
     if str(cursor.fetchone()[0]).lower() != "wal":
-        try:
+        # another process may hold a lock right now (e.g. migrating); a later connection switches
+        with contextlib.suppress(sqlite3.OperationalError):
             cursor.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            pass  # another process holds a lock right now (e.g. migrating); a later connection switches
     cursor.close()
 
 

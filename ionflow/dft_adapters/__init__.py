@@ -15,7 +15,12 @@ from pydantic import BaseModel
 from ionflow.dft_adapters.base import LabelResult, ReferenceAdapter, settings_hash
 
 __all__ = [
-    "ADAPTER_NAMES", "LabelResult", "ReferenceAdapter", "get_adapter", "settings_hash", "settings_model",
+    "ADAPTER_NAMES",
+    "LabelResult",
+    "ReferenceAdapter",
+    "get_adapter",
+    "settings_hash",
+    "settings_model",
 ]
 
 #: name -> (module, adapter class, settings class)

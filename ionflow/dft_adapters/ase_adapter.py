@@ -23,6 +23,7 @@ not know how to tell the calculator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -305,9 +306,7 @@ class ASEAdapter:
         fields.setdefault("extra", {})["attempts"] = len(tried)
         if len(tried) > 1:
             fields["extra"]["retries"] = tried[1:]
-        result = make_result(
-            self, time.perf_counter() - start, run_dir, code=self.code_name, **fields
-        )
+        result = make_result(self, time.perf_counter() - start, run_dir, code=self.code_name, **fields)
         finish_run_dir(run_dir, result)
         return result
 
@@ -365,7 +364,11 @@ class ASEAdapter:
             text = _tail_text(path)
             match = regex.search(text)
             if match:
-                where = f"line {text.count(chr(10), 0, match.start()) + 1}" if path.stat().st_size <= SCAN_BYTES else "near the end"
+                where = (
+                    f"line {text.count(chr(10), 0, match.start()) + 1}"
+                    if path.stat().st_size <= SCAN_BYTES
+                    else "near the end"
+                )
                 return f"{match.group(0).strip()} ({path.name}, {where})"
         return None
 
@@ -417,10 +420,8 @@ def _kill_group(proc: subprocess.Popen, only_children: bool = False) -> None:
     only what is left after the child itself has exited (e.g. a code server it did not close)."""
     if only_children and proc.poll() is None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     if not only_children:
         proc.wait()
 
@@ -452,7 +453,10 @@ def _child_error(folder: Path, returncode: int) -> dict[str, Any]:
     else:
         how = f"exited with code {returncode}"
     tail = " | ".join(stderr)
-    return {"text": f"the calculation process {how} without results" + (f"; stderr: {tail}" if tail else ""), "scf": False}
+    return {
+        "text": f"the calculation process {how} without results" + (f"; stderr: {tail}" if tail else ""),
+        "scf": False,
+    }
 
 
 def _results_problem(atoms: Atoms, arrays: dict[str, np.ndarray]) -> str | None:

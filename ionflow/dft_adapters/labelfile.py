@@ -96,7 +96,11 @@ def _reusable(run_dir: Path, hash_: str, settings_hash: str) -> Atoms | None:
     except Exception:  # noqa: BLE001  a half-written or damaged file is computed again
         return None
     info = frame.info
-    if info.get("label_status") == "ok" and info.get("settings_hash") == settings_hash and info.get("structure_hash") == hash_:
+    if (
+        info.get("label_status") == "ok"
+        and info.get("settings_hash") == settings_hash
+        and info.get("structure_hash") == hash_
+    ):
         return frame
     return None
 
@@ -129,8 +133,13 @@ def label_file(
     with progress or nullcontext(lambda done, total: None) as update:
         update(reused, len(frames))
         stream = label_stream(
-            adapter, settings, [frames[i] for i in todo], [dirs[i] for i in todo],
-            workers=workers, threads=threads, timeout_s=timeout_s,
+            adapter,
+            settings,
+            [frames[i] for i in todo],
+            [dirs[i] for i in todo],
+            workers=workers,
+            threads=threads,
+            timeout_s=timeout_s,
         )
         for k, result in stream:
             i = todo[k]
@@ -156,7 +165,12 @@ def label_file(
         computed=len(todo),
         reused=reused,
         failures=[
-            {"index": i, "status": f.info["label_status"], "error": f.info.get("label_error"), "run_dir": f.info.get("label_run_dir")}
+            {
+                "index": i,
+                "status": f.info["label_status"],
+                "error": f.info.get("label_error"),
+                "run_dir": f.info.get("label_run_dir"),
+            }
             for i, f in bad
         ],
     )

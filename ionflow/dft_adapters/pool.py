@@ -15,6 +15,7 @@ caller can commit every result at once and lose nothing when it is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -40,6 +41,7 @@ from ionflow.dft_adapters.base import (
     finish_run_dir,
     make_result,
 )
+
 
 def default_threads(workers: int) -> int:
     """Threads per worker that fill this machine's cores without oversubscribing them."""
@@ -100,10 +102,8 @@ class _Workers:
         return _Slot(process, conn)
 
     def kill(self, slot: _Slot) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(slot.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         slot.process.wait()
         slot.conn.close()
 
@@ -132,22 +132,20 @@ class _Workers:
             if slot.job is not None:  # stopped mid-calculation (the caller gave up): no waiting
                 self.kill(slot)
                 continue
-            try:
+            with contextlib.suppress(OSError):
                 slot.conn.send(None)
-            except OSError:
-                pass
         deadline = time.monotonic() + 5
         for slot in self.slots:
             if slot.conn.closed:
                 continue
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 slot.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             self.kill(slot)
 
 
-def _lost(adapter: ReferenceAdapter, job: tuple[int, Atoms, Path | None], status: str, error: str, seconds: float) -> LabelResult:
+def _lost(
+    adapter: ReferenceAdapter, job: tuple[int, Atoms, Path | None], status: str, error: str, seconds: float
+) -> LabelResult:
     """The result of a calculation whose worker was killed or died (its run folder says so too)."""
     _, _, run_dir = job
     result = make_result(adapter, seconds, run_dir, status=status, error=error)
@@ -242,14 +240,26 @@ def _processes(
                         code = slot.process.wait()
                         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
                         index = slot.job[0]
-                        result = _lost(adapter, slot.job, "failed", f"the labelling worker died ({how}) during the calculation", now - slot.started)
+                        result = _lost(
+                            adapter,
+                            slot.job,
+                            "failed",
+                            f"the labelling worker died ({how}) during the calculation",
+                            now - slot.started,
+                        )
                         pool.replace(slot)
                     else:
                         slot.job = None
                     yield index, result
                 elif timeout_s is not None and now - slot.started >= timeout_s:
                     index = slot.job[0]
-                    result = _lost(adapter, slot.job, "timeout", f"no result after {timeout_s:g} s: the calculation was killed", now - slot.started)
+                    result = _lost(
+                        adapter,
+                        slot.job,
+                        "timeout",
+                        f"no result after {timeout_s:g} s: the calculation was killed",
+                        now - slot.started,
+                    )
                     pool.replace(slot)
                     yield index, result
     finally:

@@ -117,7 +117,10 @@ def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict
     metrics = row["metrics"]
     create_table_artifact(
         key=f"{ctx.config.name.lower().replace('_', '-').replace('.', '-')}-iteration-{index}",
-        table=[{"quantity": k, "value": v} for k, v in {**{k: row[k] for k in ("n_labels", "n_selected", "model_version")}, **metrics}.items()],
+        table=[
+            {"quantity": k, "value": v}
+            for k, v in {**{k: row[k] for k in ("n_labels", "n_selected", "model_version")}, **metrics}.items()
+        ],
         description=f"ionflow campaign {ctx.config.name}, iteration {index}",
     )
     return rows
@@ -126,7 +129,7 @@ def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict
 def _lock(folder: Path):
     """Hold an exclusive lock on the campaign folder (released by the OS if the process dies)."""
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "w")
+    handle = open(folder / ".lock", "w")  # noqa: SIM115 (held open for the whole run: the lock lives as long as it)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -148,7 +151,6 @@ def gpu_step_flow(config_path: str, campaign_id: int, index: int, step: str) -> 
     GPU_STEPS[step](config_path, campaign_id, index)
 
 
-
 def _label(config_path: str, campaign_id: int, index: int) -> None:
     """The label step: on local worker processes, or (``execution.task_runner: dask``) as
     chunks of Prefect tasks on a Dask cluster, each committing its results as they end."""
@@ -168,7 +170,12 @@ def _label(config_path: str, campaign_id: int, index: int) -> None:
     else:  # Dask's nanny gives each worker process OMP_NUM_THREADS=1 (and the BLAS equivalents)
         runner = DaskTaskRunner(
             cluster_class="distributed.LocalCluster",
-            cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+            cluster_kwargs={
+                "n_workers": cfg.dask_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            },
         )
     chunks = [c for c in (pending[k :: cfg.dask_workers] for k in range(cfg.dask_workers)) if c]
     counts: dict[str, int] = {}
@@ -176,7 +183,12 @@ def _label(config_path: str, campaign_id: int, index: int) -> None:
         futures = [
             runner.submit(
                 label_chunk_task.with_options(tags=tags),
-                parameters={"config_path": config_path, "index": index, "iteration_id": iteration_id, "structure_ids": chunk},
+                parameters={
+                    "config_path": config_path,
+                    "index": index,
+                    "iteration_id": iteration_id,
+                    "structure_ids": chunk,
+                },
             )
             for chunk in chunks
         ]
@@ -205,7 +217,9 @@ def _gpu_step(gpu_deployment: str | None, config_path: str, campaign_id: int, in
     )
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state is not None else "unknown"
-        raise RuntimeError(f"{step} of iteration {index} ended {state} on deployment {gpu_deployment} (flow run {run.id})")
+        raise RuntimeError(
+            f"{step} of iteration {index} ended {state} on deployment {gpu_deployment} (flow run {run.id})"
+        )
 
 
 @flow(name="ionflow-campaign", log_prints=True)
@@ -260,7 +274,9 @@ def finish(config_path: str, campaign_id: int, stop_reason: str, status: str = "
         campaign = session.get(Campaign, campaign_id)
         campaign.status = status
         counts, failures = calculation_outcomes(session, campaign_id, ctx.adapter.settings_hash)
-        latest = session.scalar(select(Model).where(Model.campaign_id == campaign_id).order_by(Model.version.desc()).limit(1))
+        latest = session.scalar(
+            select(Model).where(Model.campaign_id == campaign_id).order_by(Model.version.desc()).limit(1)
+        )
         rows = iteration_table(session, campaign_id)
         summary = CampaignSummary(
             name=campaign.name,

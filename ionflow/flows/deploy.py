@@ -29,6 +29,7 @@ from prefect.exceptions import ObjectNotFound
 
 from ionflow.config import load_config
 from ionflow.flows.tasks import LABEL_TAG
+
 #: The folder that holds the ``ionflow`` package: the deployments' source.
 SOURCE = Path(__file__).resolve().parents[2]
 
@@ -56,7 +57,9 @@ def ensure_work_pool(name: str) -> bool:
             return False
         except ObjectNotFound:
             client.create_work_pool(
-                WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template())
+                WorkPoolCreate(
+                    name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                )
             )
             return True
 
@@ -94,7 +97,12 @@ def deploy_campaign(
         gpu_id = gpu_step_flow.from_source(
             source=str(SOURCE), entrypoint="ionflow/flows/campaign.py:gpu_step_flow"
         ).deploy(
-            name=cfg.name, work_pool_name=gpu_pool, tags=tags, build=False, push=False, print_next_steps=False,
+            name=cfg.name,
+            work_pool_name=gpu_pool,
+            tags=tags,
+            build=False,
+            push=False,
+            print_next_steps=False,
             description=f"MD and training steps of ionflow campaign {cfg.name} ({path})",
         )
         gpu_name = f"ionflow-gpu-step/{cfg.name}"

@@ -85,7 +85,13 @@ def failure_table(counts: dict[str, int], failures: list[dict[str, Any]], title:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
-    for header, justify in (("iter", "right"), ("structure", "right"), ("status", "left"), ("error", "left"), ("run folder", "left")):
+    for header, justify in (
+        ("iter", "right"),
+        ("structure", "right"),
+        ("status", "left"),
+        ("error", "left"),
+        ("run folder", "left"),
+    ):
         table.add_column(header, justify=justify, overflow="fold")
     for row in failures:
         table.add_row(

@@ -103,7 +103,9 @@ def context(config_path: str) -> Context:
     config = load_config(config_path)
     config.campaign_dir.mkdir(parents=True, exist_ok=True)
     upgrade(config.db_url)
-    return Context(config=config, sessions=session_factory(make_engine(config.db_url)), store=ObjectStore(config.campaign_dir))
+    return Context(
+        config=config, sessions=session_factory(make_engine(config.db_url)), store=ObjectStore(config.campaign_dir)
+    )
 
 
 def _model_of(session: Session, campaign_id: int, before_index: int | None = None) -> Model | None:
@@ -210,11 +212,15 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             )
         scores = []
         for w in walkers:
-            start_row = add_structure(session, ctx.store, w.start, "md-start", campaign_id=campaign_id, iteration_id=it.id)
+            start_row = add_structure(
+                session, ctx.store, w.start, "md-start", campaign_id=campaign_id, iteration_id=it.id
+            )
             trajectory = None
             if w.frames:
                 with tempfile.TemporaryDirectory() as tmp:
-                    trajectory, _ = ctx.store.put_file(write_extxyz(Path(tmp) / "trajectory.extxyz", w.frames), "trajectories")
+                    trajectory, _ = ctx.store.put_file(
+                        write_extxyz(Path(tmp) / "trajectory.extxyz", w.frames), "trajectories"
+                    )
             run = MDRun(
                 campaign_id=campaign_id,
                 iteration_id=it.id,
@@ -232,7 +238,9 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             session.add(run)
             session.flush()
             for frame in w.frames:
-                add_structure(session, ctx.store, frame, "md", campaign_id=campaign_id, iteration_id=it.id, md_run_id=run.id)
+                add_structure(
+                    session, ctx.store, frame, "md", campaign_id=campaign_id, iteration_id=it.id, md_run_id=run.id
+                )
                 scores.append(frame.info["force_std_max"])
         it.metrics = {
             "explored_frames": len(scores),
@@ -244,8 +252,12 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
         it.status = "explored"
         get_run_logger().info(
             "iteration %d explored: %d walkers (%d stopped early), %d candidate frames, force spread mean %.3f max %.3f eV/Å",
-            index, len(walkers), it.metrics["walkers_stopped"], len(scores),
-            it.metrics["explored_force_std_mean"] or 0.0, it.metrics["explored_force_std_max"] or 0.0,
+            index,
+            len(walkers),
+            it.metrics["walkers_stopped"],
+            len(scores),
+            it.metrics["explored_force_std_mean"] or 0.0,
+            it.metrics["explored_force_std_max"] or 0.0,
         )
         return dict(it.metrics)
 
@@ -309,7 +321,9 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
         chosen = sum(d.chosen for d in decisions)
         it.metrics = dict(it.metrics or {}, candidates=len(decisions), selected=chosen)
         it.status = "selected"
-        get_run_logger().info("iteration %d: %d of %d candidate frames selected for labelling", index, chosen, len(decisions))
+        get_run_logger().info(
+            "iteration %d: %d of %d candidate frames selected for labelling", index, chosen, len(decisions)
+        )
         return chosen
 
 
@@ -362,7 +376,9 @@ def _pending(ctx: Context, campaign_id: int, index: int) -> tuple[int | None, li
         return it.id, pending, reused
 
 
-def _compute(ctx: Context, structure_ids: list[int], index: int, iteration_id: int, workers: int) -> tuple[dict[str, int], int]:
+def _compute(
+    ctx: Context, structure_ids: list[int], index: int, iteration_id: int, workers: int
+) -> tuple[dict[str, int], int]:
     """Label ``structure_ids`` on ``workers`` local workers, committing each result as it ends;
     return (counts per status, results another writer recorded first)."""
     ref = ctx.config.reference
@@ -376,11 +392,18 @@ def _compute(ctx: Context, structure_ids: list[int], index: int, iteration_id: i
     name = ctx.adapter.name
     with stage(f"label: {len(rows)} × {name} on {workers} worker{'s' * (workers > 1)}", len(rows)) as update:
         stream = label_stream(
-            ref.adapter, ref.settings, structures, run_dirs,
-            workers=workers, threads=ref.threads_per_worker, timeout_s=ref.timeout_s,
+            ref.adapter,
+            ref.settings,
+            structures,
+            run_dirs,
+            workers=workers,
+            threads=ref.threads_per_worker,
+            timeout_s=ref.timeout_s,
         )
         for done, (i, result) in enumerate(stream, 1):
-            recorded = record_or_adopt(ctx.sessions, ctx.store, structure_ids[i], result, name, ref.settings, iteration_id)
+            recorded = record_or_adopt(
+                ctx.sessions, ctx.store, structure_ids[i], result, name, ref.settings, iteration_id
+            )
             if not recorded:  # another campaign sharing the database recorded it while this one computed
                 reused += 1
             else:
@@ -397,7 +420,10 @@ def _close_labelling(ctx: Context, campaign_id: int, index: int, counts: dict[st
     with session_scope(ctx.sessions) as session:
         iteration_row(session, campaign_id, index).status = "labelled"
     get_run_logger().info(
-        "iteration %d labelled with %s: %s%s", index, ctx.adapter.name, counts or "nothing new",
+        "iteration %d labelled with %s: %s%s",
+        index,
+        ctx.adapter.name,
+        counts or "nothing new",
         f" ({reused} labels already in the database)" if reused else "",
     )
 
@@ -422,7 +448,9 @@ def label_plan_task(config_path: str, campaign_id: int, index: int) -> tuple[int
 
 
 @task(name="label-chunk")
-def label_chunk_task(config_path: str, index: int, iteration_id: int, structure_ids: list[int]) -> tuple[dict[str, int], int]:
+def label_chunk_task(
+    config_path: str, index: int, iteration_id: int, structure_ids: list[int]
+) -> tuple[dict[str, int], int]:
     """Label a chunk of structures where the task runs (a Dask worker), one calculation at a
     time, each committed to the database as it ends; return (counts, raced)."""
     ctx = context(config_path)
@@ -448,7 +476,9 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
         pool = labelled_set(session, ctx.store, campaign_id, ctx.adapter.settings_hash, test=False)
         if not pool:
             raise RuntimeError("no usable labels to train on: every reference calculation failed")
-        split = {calc.id: is_validation(atoms.info["structure_hash"], cfg.training.valid_fraction) for calc, atoms in pool}
+        split = {
+            calc.id: is_validation(atoms.info["structure_hash"], cfg.training.valid_fraction) for calc, atoms in pool
+        }
         if all(split.values()) or (len(pool) >= 4 and not any(split.values()) and cfg.training.valid_fraction > 0):
             # keep both sets non-empty: move the first label across
             split[pool[0][0].id] = not split[pool[0][0].id]
@@ -482,7 +512,11 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
             version=index,
             parent_id=parent.id if parent is not None else None,
             kind=f"mace-{cfg.model.uncertainty}",
-            hyperparameters={"model": cfg.model.model_dump(), "training": cfg.training.model_dump(), "spec": committee.spec.to_dict()},
+            hyperparameters={
+                "model": cfg.model.model_dump(),
+                "training": cfg.training.model_dump(),
+                "spec": committee.spec.to_dict(),
+            },
             metrics={"train": report.__dict__, "valid": evaluate_committee(committee, valid)},
             checkpoint_path=str(path.relative_to(ctx.folder)),
             checkpoint_sha256=sha256_file(path),
@@ -490,12 +524,19 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
         session.add(model)
         session.flush()
         for calc, _ in pool:
-            session.add(TrainingMember(model_id=model.id, calculation_id=calc.id, split="valid" if split[calc.id] else "train"))
+            session.add(
+                TrainingMember(model_id=model.id, calculation_id=calc.id, split="valid" if split[calc.id] else "train")
+            )
         write_extxyz(ctx.folder / "dataset.extxyz", [a for _, a in pool])
         it.status = "trained"
         get_run_logger().info(
             "model v%d trained on %d+%d labels in %.0f s (%d epochs%s)",
-            index, len(train), len(valid), report.wall_time_s, epochs, f", from v{parent.version}" if parent else "",
+            index,
+            len(train),
+            len(valid),
+            report.wall_time_s,
+            epochs,
+            f", from v{parent.version}" if parent else "",
         )
         return model.id
 
@@ -522,7 +563,10 @@ def evaluate_task(config_path: str, campaign_id: int, index: int) -> dict[str, A
         if "test_forces_rmse" in metrics:
             get_run_logger().info(
                 "iteration %d: test energy RMSE %.1f meV/atom, force RMSE %.3f eV/Å on %d structures",
-                index, 1000 * metrics["test_energy_rmse"], metrics["test_forces_rmse"], metrics["test_n"],
+                index,
+                1000 * metrics["test_energy_rmse"],
+                metrics["test_forces_rmse"],
+                metrics["test_n"],
             )
         return metrics
 

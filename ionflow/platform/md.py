@@ -66,7 +66,10 @@ class _WalkersCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         frames = self.split(self.atoms.positions)
         batch = build_batch(
-            frames, self.committee.z_table, self.committee.r_max, dtype=self.committee.spec.dtype,
+            frames,
+            self.committee.z_table,
+            self.committee.r_max,
+            dtype=self.committee.spec.dtype,
             device=self.committee.device,
         )
         pred = {k: v.cpu() for k, v in self.committee.predict(batch).items()}

@@ -59,7 +59,13 @@ def nothing_chosen(decisions: Sequence[Decision]) -> str:
         return "stopped: exploration produced no candidate frame"
     kinds = {"trusted": 0, "above ceiling": 0, "other": 0}
     for d in decisions:
-        kind = "trusted" if d.reason.startswith("trusted") else "above ceiling" if d.reason.startswith("above") else "other"
+        kind = (
+            "trusted"
+            if d.reason.startswith("trusted")
+            else "above ceiling"
+            if d.reason.startswith("above")
+            else "other"
+        )
         kinds[kind] += 1
     if kinds["trusted"] == len(decisions):
         return "converged: no explored frame was uncertain enough to label"
@@ -102,7 +108,9 @@ def select(
         desc = descriptor(frames[i])
         nearest = min((descriptor_distance(desc, r) for r in references + chosen_refs), default=float("inf"))
         if nearest < min_distance:
-            decisions[i] = Decision(int(i), s, False, f"near-duplicate: {nearest:.3f} Å from a labelled or chosen frame")
+            decisions[i] = Decision(
+                int(i), s, False, f"near-duplicate: {nearest:.3f} Å from a labelled or chosen frame"
+            )
             continue
         if n_chosen >= per_iteration:
             decisions[i] = Decision(int(i), s, False, f"budget: {per_iteration} frames already chosen")

@@ -203,8 +203,12 @@ def _loss(
         df = out["forces"].mean(0, keepdim=True) - batch["ref_forces"]  # [1, n, 3]
         loss = weights.energy * (de**2).mean() + weights.forces * (df**2).mean()
         if weights.nll > 0:
-            nll = weights.energy * _gaussian_nll(energy, batch["ref_energy"] / batch["n_atoms"], _VARIANCE_FLOOR["energy"])
-            nll = weights.nll * (nll + weights.forces * _gaussian_nll(out["forces"], batch["ref_forces"], _VARIANCE_FLOOR["forces"]))
+            nll = weights.energy * _gaussian_nll(
+                energy, batch["ref_energy"] / batch["n_atoms"], _VARIANCE_FLOOR["energy"]
+            )
+            nll = weights.nll * (
+                nll + weights.forces * _gaussian_nll(out["forces"], batch["ref_forces"], _VARIANCE_FLOOR["forces"])
+            )
     else:
         de = energy - batch["ref_energy"] / batch["n_atoms"]  # [K, g] eV/atom
         df = out["forces"] - batch["ref_forces"]  # [K, n, 3] eV/Å
@@ -354,9 +358,7 @@ def train_committee(
         train_loss = total / len(batches)
         committee.eval()
         if valid_batches:
-            valid_loss = sum(
-                _valid_loss(committee, b, weights) for b in valid_batches
-            ) / len(valid_batches)
+            valid_loss = sum(_valid_loss(committee, b, weights) for b in valid_batches) / len(valid_batches)
         else:
             valid_loss = train_loss
         if valid_loss < best[0]:
@@ -431,7 +433,9 @@ def evaluate(committee: Ensemble, frames: Sequence[Atoms], batch_size: int = 64)
     n_charges = 0
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
-        batch = build_batch(chunk, committee.z_table, committee.r_max, dtype=committee.spec.dtype, device=committee.device)
+        batch = build_batch(
+            chunk, committee.z_table, committee.r_max, dtype=committee.spec.dtype, device=committee.device
+        )
         pred = {k: v.cpu() for k, v in committee.predict(batch).items()}
         batch = {k: v.cpu() for k, v in batch.items()}
         n_atoms = np.array([len(a) for a in chunk])
@@ -500,7 +504,9 @@ def dataset_problem(frames: Sequence[Atoms]) -> str | None:
         where = f"frame {k} ({atoms.get_chemical_formula()})"
         if len(atoms) == 0:
             return f"{where} has no atoms"
-        missing = [key for key, store in (("energy", atoms.info), ("forces", atoms.arrays)) if REF_PREFIX + key not in store]
+        missing = [
+            key for key, store in (("energy", atoms.info), ("forces", atoms.arrays)) if REF_PREFIX + key not in store
+        ]
         if missing:
             return f"{where} has no {' or '.join(REF_PREFIX + m for m in missing)} label (nor a calculator's {'/'.join(missing)})"
         if not np.isfinite(reference_energy(atoms)):

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 from sqlalchemy import func, select
+from test_db import url  # noqa: F401  (the SQLite / PostgreSQL database fixture; tests/db is on sys.path)
+from writer import OWN, SHARED
 
 from ionflow.db import make_engine, session_factory, session_scope, upgrade
 from ionflow.db import models as orm
-
-from test_db import url  # noqa: F401  (the SQLite / PostgreSQL database fixture; tests/db is on sys.path)
-from writer import OWN, SHARED
 
 WRITERS = 8
 
@@ -24,7 +23,10 @@ def test_eight_writers_lose_and_duplicate_nothing(url, tmp_path):  # noqa: F811
     procs = [
         subprocess.Popen(
             [sys.executable, str(writer), url, str(tmp_path / "stores"), str(k)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for k in range(WRITERS)
     ]
@@ -40,6 +42,7 @@ def test_eight_writers_lose_and_duplicate_nothing(url, tmp_path):  # noqa: F811
 
     engine = make_engine(url)
     with session_scope(session_factory(engine)) as session:
+
         def count(model, *where):
             return session.scalar(select(func.count()).select_from(model).where(*where))
 
@@ -54,10 +57,15 @@ def test_eight_writers_lose_and_duplicate_nothing(url, tmp_path):  # noqa: F811
         assert count(orm.TrainingMember) == WRITERS * (SHARED + OWN)
         # each shared calculation was recorded by exactly one writer (its host), the others adopted it
         hosts = session.scalars(
-            select(orm.Calculation.host).join(orm.Structure).where(orm.Structure.id.in_(
-                select(orm.CampaignStructure.structure_id).group_by(orm.CampaignStructure.structure_id)
-                .having(func.count() == WRITERS)
-            ))
+            select(orm.Calculation.host)
+            .join(orm.Structure)
+            .where(
+                orm.Structure.id.in_(
+                    select(orm.CampaignStructure.structure_id)
+                    .group_by(orm.CampaignStructure.structure_id)
+                    .having(func.count() == WRITERS)
+                )
+            )
         ).all()
         assert len(hosts) == SHARED
     engine.dispose()

@@ -84,8 +84,10 @@ def url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False
+        yield (
+            make_url(POSTGRES_URL)
+            .update_query_dict({"options": f"-csearch_path={schema}"})
+            .render_as_string(hide_password=False)
         )
     finally:
         with admin.begin() as conn:
@@ -187,7 +189,10 @@ def test_concurrent_upgrades_on_sqlite(tmp_path) -> None:
     script = f"from ionflow.db import upgrade; print('ready', flush=True); input(); upgrade({url!r})"
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
@@ -224,19 +229,18 @@ def test_concurrent_upgrades_on_sqlite(tmp_path) -> None:
 
 
 def test_foreign_keys_are_enforced(engine: Engine) -> None:
-    with pytest.raises(IntegrityError):
-        with session_scope(session_factory(engine)) as session:
-            session.add(
-                Calculation(
-                    structure_id=12345,
-                    adapter="tblite",
-                    code_version="0.8.0",
-                    settings_hash="a" * 64,
-                    settings={},
-                    status="ok",
-                    wall_time_s=0.0,
-                )
+    with pytest.raises(IntegrityError), session_scope(session_factory(engine)) as session:
+        session.add(
+            Calculation(
+                structure_id=12345,
+                adapter="tblite",
+                code_version="0.8.0",
+                settings_hash="a" * 64,
+                settings={},
+                status="ok",
+                wall_time_s=0.0,
             )
+        )
 
 
 def test_a_calculation_is_never_repeated(engine: Engine, tmp_path) -> None:
@@ -249,9 +253,8 @@ def test_a_calculation_is_never_repeated(engine: Engine, tmp_path) -> None:
         found = find_calculation(session, water.hash, "a" * 64)
         assert found is not None and found.id == first.id and found.status == "failed"
         assert find_calculation(session, water.hash, "b" * 64) is None
-    with pytest.raises(IntegrityError):
-        with session_scope(sessions) as session:
-            _calculation(session, session.get(Structure, water.id))
+    with pytest.raises(IntegrityError), session_scope(sessions) as session:
+        _calculation(session, session.get(Structure, water.id))
 
 
 def test_timestamps_are_utc_aware(engine: Engine) -> None:
@@ -265,10 +268,9 @@ def test_timestamps_are_utc_aware(engine: Engine) -> None:
 
 def test_session_scope_rolls_back_on_error(engine: Engine) -> None:
     sessions = session_factory(engine)
-    with pytest.raises(RuntimeError):
-        with session_scope(sessions) as session:
-            _campaign(session)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), session_scope(sessions) as session:
+        _campaign(session)
+        raise RuntimeError("boom")
     with session_scope(sessions) as session:
         assert session.scalars(select(Campaign)).all() == []
 
@@ -355,8 +357,15 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
     session.flush()
 
     r0 = MDRun(
-        campaign_id=campaign.id, iteration=it0, start_structure=s1, walker=0, temperature_K=300.0,
-        timestep_fs=0.5, n_steps_requested=100, n_steps_done=40, stop_reason="uncertainty",
+        campaign_id=campaign.id,
+        iteration=it0,
+        start_structure=s1,
+        walker=0,
+        temperature_K=300.0,
+        timestep_fs=0.5,
+        n_steps_requested=100,
+        n_steps_done=40,
+        stop_reason="uncertainty",
     )
     session.add(r0)
     session.flush()
@@ -367,15 +376,25 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
     for s, chosen in ((s3, True), (s4, True), (s5, False)):
         session.add(
             SelectionDecision(
-                iteration=it0, structure=s, md_run=r0, score=0.3 if chosen else 0.05,
-                threshold=0.1, chosen=chosen, reason="above threshold" if chosen else "below threshold",
+                iteration=it0,
+                structure=s,
+                md_run=r0,
+                score=0.3 if chosen else 0.05,
+                threshold=0.1,
+                chosen=chosen,
+                reason="above threshold" if chosen else "below threshold",
             )
         )
     c3 = _calculation(session, s3, iteration=it0)
     _calculation(session, s4, status="failed", iteration=it0)
     m1 = Model(
-        campaign=campaign, iteration=it0, version=1, kind="mace-charges", hyperparameters={"r_max": 5.0},
-        checkpoint_path="checkpoints/v1.pt", checkpoint_sha256="1" * 64,
+        campaign=campaign,
+        iteration=it0,
+        version=1,
+        kind="mace-charges",
+        hyperparameters={"r_max": 5.0},
+        checkpoint_path="checkpoints/v1.pt",
+        checkpoint_sha256="1" * 64,
     )
     m1.training_members = [
         TrainingMember(calculation=c1, split="train"),
@@ -386,8 +405,16 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
     session.flush()
 
     r1 = MDRun(
-        campaign_id=campaign.id, iteration=it1, model=m1, start_structure=s3, walker=0, temperature_K=300.0,
-        timestep_fs=0.5, n_steps_requested=100, n_steps_done=100, stop_reason="done",
+        campaign_id=campaign.id,
+        iteration=it1,
+        model=m1,
+        start_structure=s3,
+        walker=0,
+        temperature_K=300.0,
+        timestep_fs=0.5,
+        n_steps_requested=100,
+        n_steps_done=100,
+        stop_reason="done",
     )
     session.add(r1)
     session.flush()
@@ -399,8 +426,14 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
     )
     c6 = _calculation(session, s6, iteration=it1)
     m2 = Model(
-        campaign=campaign, iteration=it1, version=2, parent=m1, kind="mace-charges", hyperparameters={},
-        checkpoint_path="checkpoints/v2.pt", checkpoint_sha256="2" * 64,
+        campaign=campaign,
+        iteration=it1,
+        version=2,
+        parent=m1,
+        kind="mace-charges",
+        hyperparameters={},
+        checkpoint_path="checkpoints/v2.pt",
+        checkpoint_sha256="2" * 64,
     )
     m2.training_members = [TrainingMember(calculation=c, split="train") for c in (c1, c2, c3, c6)]
     session.add(m2)
@@ -411,19 +444,40 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
     _calculation(session, _structure(session, store, molecule("NH3"), origin="initial", campaign=other))
     other_it = Iteration(campaign=other, index=0, status="done")
     r_other = MDRun(
-        campaign=other, iteration=other_it, start_structure=s1, walker=0, temperature_K=300.0,
-        timestep_fs=0.5, n_steps_requested=100, n_steps_done=100, stop_reason="done",
+        campaign=other,
+        iteration=other_it,
+        start_structure=s1,
+        walker=0,
+        temperature_K=300.0,
+        timestep_fs=0.5,
+        n_steps_requested=100,
+        n_steps_done=100,
+        stop_reason="done",
     )
     session.add(CampaignStructure(campaign=other, structure=s3, iteration=other_it, md_run=r_other, origin="md"))
     session.add(
         SelectionDecision(
-            iteration=other_it, structure=s3, md_run=r_other, score=0.05, threshold=0.1, chosen=False,
+            iteration=other_it,
+            structure=s3,
+            md_run=r_other,
+            score=0.05,
+            threshold=0.1,
+            chosen=False,
             reason="below threshold",
         )
     )
     session.flush()
-    return {"campaign": campaign.id, "m1": m1.id, "m2": m2.id, "r0": r0.id, "r1": r1.id,
-            "s1": s1.id, "s2": s2.id, "s3": s3.id, "s6": s6.id}
+    return {
+        "campaign": campaign.id,
+        "m1": m1.id,
+        "m2": m2.id,
+        "r0": r0.id,
+        "r1": r1.id,
+        "s1": s1.id,
+        "s2": s2.id,
+        "s3": s3.id,
+        "s6": s6.id,
+    }
 
 
 def test_iteration_table_counts(engine: Engine, tmp_path) -> None:
@@ -433,10 +487,26 @@ def test_iteration_table_counts(engine: Engine, tmp_path) -> None:
     with session_scope(sessions) as session:
         table = iteration_table(session, ids["campaign"])
     assert table == [
-        {"index": 0, "status": "done", "n_labels": 3, "n_failed": 1, "n_selected": 2, "n_md_runs": 1,
-         "model_version": 1, "metrics": {"force_rmse": 0.2}},
-        {"index": 1, "status": "trained", "n_labels": 4, "n_failed": 0, "n_selected": 1, "n_md_runs": 1,
-         "model_version": 2, "metrics": {}},
+        {
+            "index": 0,
+            "status": "done",
+            "n_labels": 3,
+            "n_failed": 1,
+            "n_selected": 2,
+            "n_md_runs": 1,
+            "model_version": 1,
+            "metrics": {"force_rmse": 0.2},
+        },
+        {
+            "index": 1,
+            "status": "trained",
+            "n_labels": 4,
+            "n_failed": 0,
+            "n_selected": 1,
+            "n_md_runs": 1,
+            "model_version": 2,
+            "metrics": {},
+        },
     ]
 
 
@@ -447,7 +517,9 @@ def test_model_lineage_in_few_queries(engine: Engine, tmp_path) -> None:
 
     statements: list[str] = []
     # data queries only (PostgreSQL also gets one SET LOCAL of a planner cost)
-    event.listen(engine, "before_cursor_execute", lambda *args: None if args[2].startswith("SET") else statements.append(args[2]))
+    event.listen(
+        engine, "before_cursor_execute", lambda *args: None if args[2].startswith("SET") else statements.append(args[2])
+    )
     with session_scope(sessions) as session:
         lineage = model_lineage(session, ids["m2"])
         n_queries = len(statements)
@@ -478,8 +550,13 @@ def test_model_lineage_in_few_queries(engine: Engine, tmp_path) -> None:
 def _label(atoms: Atoms, energy: float = -10.0) -> LabelResult:
     forces = np.linspace(-0.5, 0.5, 3 * len(atoms)).reshape(-1, 3)
     return LabelResult(
-        status="ok", code="tblite", code_version="0.8.0", settings_hash="a" * 64, wall_time_s=1.0,
-        energy=energy, forces=forces,
+        status="ok",
+        code="tblite",
+        code_version="0.8.0",
+        settings_hash="a" * 64,
+        wall_time_s=1.0,
+        energy=energy,
+        forces=forces,
     )
 
 
@@ -587,7 +664,9 @@ def test_a_candidate_labelled_elsewhere_is_a_label_once_chosen(engine: Engine, t
         assert (pool(session, "a"), pool(session, "b")) == (1, 0)
         assert [row["n_labels"] for row in iteration_table(session, ids["b"])] == [0, 0]
         session.add(
-            SelectionDecision(iteration_id=ids["b1"], structure_id=x.id, score=0.3, threshold=0.1, chosen=True, reason="up")
+            SelectionDecision(
+                iteration_id=ids["b1"], structure_id=x.id, score=0.3, threshold=0.1, chosen=True, reason="up"
+            )
         )
     with session_scope(sessions) as session:
         assert pool(session, "b") == 1

@@ -14,7 +14,16 @@ import sys
 import numpy as np
 from ase import Atoms
 
-from ionflow.db import MDRun, Model, ObjectStore, SelectionDecision, TrainingMember, make_engine, session_factory, session_scope
+from ionflow.db import (
+    MDRun,
+    Model,
+    ObjectStore,
+    SelectionDecision,
+    TrainingMember,
+    make_engine,
+    session_factory,
+    session_scope,
+)
 from ionflow.db.records import add_structure, iteration_row, labelled_set, open_campaign, record_or_adopt
 from ionflow.dft_adapters.base import LabelResult
 
@@ -31,8 +40,14 @@ def structure(seed: int) -> Atoms:
 
 def result(atoms: Atoms, writer: int) -> LabelResult:
     return LabelResult(
-        status="ok", code="test", code_version="1", settings_hash=SETTINGS_HASH, wall_time_s=0.01,
-        energy=-100.0 - atoms.positions.sum(), forces=np.zeros((len(atoms), 3)), host=f"writer-{writer}",
+        status="ok",
+        code="test",
+        code_version="1",
+        settings_hash=SETTINGS_HASH,
+        wall_time_s=0.01,
+        energy=-100.0 - atoms.positions.sum(),
+        forces=np.zeros((len(atoms), 3)),
+        host=f"writer-{writer}",
     )
 
 
@@ -53,22 +68,43 @@ def main(url: str, store_root: str, k: int) -> None:
         record_or_adopt(sessions, store, structure_id, result(structure(seed), k), "test", {"k": 0}, iteration_id)
     with session_scope(sessions) as session:
         run = MDRun(
-            campaign_id=campaign_id, iteration_id=iteration_id, start_structure_id=ids[0], walker=0,
-            temperature_K=300.0, timestep_fs=0.5,
-            n_steps_requested=10, n_steps_done=10, stop_reason="completed", wall_time_s=0.1,
+            campaign_id=campaign_id,
+            iteration_id=iteration_id,
+            start_structure_id=ids[0],
+            walker=0,
+            temperature_K=300.0,
+            timestep_fs=0.5,
+            n_steps_requested=10,
+            n_steps_done=10,
+            stop_reason="completed",
+            wall_time_s=0.1,
         )
         session.add(run)
         session.flush()
         for structure_id in ids:
-            session.add(SelectionDecision(
-                iteration_id=iteration_id, structure_id=structure_id, md_run_id=run.id, score=0.5,
-                energy_uncertainty=0.0, threshold=0.1, chosen=True, reason="above threshold",
-            ))
+            session.add(
+                SelectionDecision(
+                    iteration_id=iteration_id,
+                    structure_id=structure_id,
+                    md_run_id=run.id,
+                    score=0.5,
+                    energy_uncertainty=0.0,
+                    threshold=0.1,
+                    chosen=True,
+                    reason="above threshold",
+                )
+            )
     with session_scope(sessions) as session:
         labels = labelled_set(session, store, campaign_id, SETTINGS_HASH, test=False)
         model = Model(
-            campaign_id=campaign_id, iteration_id=iteration_id, version=0, kind="test", hyperparameters={},
-            metrics={}, checkpoint_path="none", checkpoint_sha256="0" * 64,
+            campaign_id=campaign_id,
+            iteration_id=iteration_id,
+            version=0,
+            kind="test",
+            hyperparameters={},
+            metrics={},
+            checkpoint_path="none",
+            checkpoint_sha256="0" * 64,
         )
         session.add(model)
         session.flush()

@@ -56,8 +56,11 @@ def program() -> int:
     from tblite.interface import Calculator
 
     calc = Calculator(
-        "GFN2-xTB", np.array(job["numbers"]), np.array(job["positions"]) / Bohr,
-        charge=float(job["charge"]), uhf=job["multiplicity"] - 1,
+        "GFN2-xTB",
+        np.array(job["numbers"]),
+        np.array(job["positions"]) / Bohr,
+        charge=float(job["charge"]),
+        uhf=job["multiplicity"] - 1,
     )
     calc.set("verbosity", 0)
     calc.set("max-iter", 2 if mode == "unconverged" else job["max_iterations"])
@@ -67,7 +70,9 @@ def program() -> int:
         print(f"SCC NOT CONVERGED: {exc}", flush=True)
         return 1
     forces = -np.asarray(res.get("gradient")) * Hartree / Bohr
-    lines = [f"energy {float(res.get('energy')) * Hartree:.12f}"] + [" ".join(f"{f:.12f}" for f in row) for row in forces]
+    lines = [f"energy {float(res.get('energy')) * Hartree:.12f}"] + [
+        " ".join(f"{f:.12f}" for f in row) for row in forces
+    ]
     Path(OUTPUT).write_text("\n".join(lines) + "\n")
     return 0
 
@@ -84,7 +89,12 @@ class FaultyXTB(FileIOCalculator):
 
     implemented_properties = ["energy", "forces"]
     default_parameters = {
-        "faults": [], "counter": None, "fault": None, "charge": 0, "multiplicity": 1, "max_iterations": 250,
+        "faults": [],
+        "counter": None,
+        "fault": None,
+        "charge": 0,
+        "multiplicity": 1,
+        "max_iterations": 250,
     }
 
     def __init__(self, **kwargs):
@@ -95,9 +105,13 @@ class FaultyXTB(FileIOCalculator):
         super().write_input(atoms, properties, system_changes)
         p = self.parameters
         job = {
-            "numbers": atoms.numbers.tolist(), "positions": atoms.positions.tolist(),
-            "charge": p["charge"], "multiplicity": p["multiplicity"],
-            "faults": list(p["faults"]), "counter": p["counter"], "fault": p["fault"],
+            "numbers": atoms.numbers.tolist(),
+            "positions": atoms.positions.tolist(),
+            "charge": p["charge"],
+            "multiplicity": p["multiplicity"],
+            "faults": list(p["faults"]),
+            "counter": p["counter"],
+            "fault": p["fault"],
             "max_iterations": p["max_iterations"],
         }
         Path(self.directory, INPUT).write_text(json.dumps(job))

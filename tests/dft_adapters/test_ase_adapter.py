@@ -32,7 +32,13 @@ def faulty(fault: str | None = None, timeout_s: float = 60, **settings) -> ASEAd
     params = {"fault": fault} if fault else {}
     return get_adapter(
         "ase",
-        {"calculator": FAULTY, "parameters": params, **CHARGE_STATE, "unconverged_patterns": ["SCC NOT CONVERGED"], **settings},
+        {
+            "calculator": FAULTY,
+            "parameters": params,
+            **CHARGE_STATE,
+            "unconverged_patterns": ["SCC NOT CONVERGED"],
+            **settings,
+        },
         timeout_s=timeout_s,
     )
 
@@ -61,7 +67,9 @@ def test_file_based_calculator_matches_a_direct_call_and_keeps_its_files(tmp_pat
 
 def test_in_process_ase_calculator_matches_direct_tblite():
     atoms = hydronium()
-    adapter = get_adapter("ase", {"calculator": "tblite.ase:TBLite", "parameters": {"method": "GFN2-xTB", "verbosity": 0}, **CHARGE_STATE})
+    adapter = get_adapter(
+        "ase", {"calculator": "tblite.ase:TBLite", "parameters": {"method": "GFN2-xTB", "verbosity": 0}, **CHARGE_STATE}
+    )
     result = adapter.label([atoms])[0]
     assert result.ok, result.error
     energy, forces = direct_xtb(atoms)
@@ -98,7 +106,9 @@ def test_retry_with_changed_settings_rescues_an_unconverged_run(tmp_path):
     adapter = get_adapter(
         "ase",
         {
-            "calculator": FAULTY, **CHARGE_STATE, "unconverged_patterns": ["SCC NOT CONVERGED"],
+            "calculator": FAULTY,
+            **CHARGE_STATE,
+            "unconverged_patterns": ["SCC NOT CONVERGED"],
             "parameters": {"faults": ["unconverged"], "counter": str(counter)},
             "retries": [{"fault": "ok"}],
         },
@@ -147,7 +157,10 @@ def test_settings_hash_ignores_how_the_code_is_run():
 
 def test_cp2k_input_merge_replaces_and_adds():
     base = "&FORCE_EVAL\n&DFT\n&SCF\nMAX_SCF 5\nEPS_SCF 1e-6\n&END SCF\n&END DFT\n&END FORCE_EVAL"
-    merged = _merge_cp2k_input(base, "&FORCE_EVAL\n&DFT\n&SCF\nMAX_SCF 50\n&MIXING\nALPHA 0.1\n&END MIXING\n&END SCF\n&END DFT\n&END FORCE_EVAL")
+    merged = _merge_cp2k_input(
+        base,
+        "&FORCE_EVAL\n&DFT\n&SCF\nMAX_SCF 50\n&MIXING\nALPHA 0.1\n&END MIXING\n&END SCF\n&END DFT\n&END FORCE_EVAL",
+    )
     words = " ".join(merged.split())
     assert "MAX_SCF 50" in words and "MAX_SCF 5 " not in words and "EPS_SCF 1e-6" in words
     assert "&MIXING ALPHA 0.1 &END MIXING" in words

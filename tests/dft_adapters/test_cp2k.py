@@ -26,10 +26,18 @@ def water_box() -> Atoms:
     atoms = Atoms(
         "OH2OH2OH2OH2",
         positions=[
-            [1.10633, 1.21214, 1.12718], [1.42311, 1.83287, 1.79983], [1.72622, 0.47000, 1.18271],
-            [3.42236, 3.55716, 1.47020], [4.29491, 3.85839, 1.17687], [3.32620, 2.68433, 1.06150],
-            [3.50811, 1.36802, 3.38539], [4.06687, 1.08536, 4.12432], [2.86824, 1.97044, 3.79255],
-            [1.48273, 3.50517, 3.58574], [0.80705, 4.16426, 3.36853], [1.33109, 2.79437, 2.94552],
+            [1.10633, 1.21214, 1.12718],
+            [1.42311, 1.83287, 1.79983],
+            [1.72622, 0.47000, 1.18271],
+            [3.42236, 3.55716, 1.47020],
+            [4.29491, 3.85839, 1.17687],
+            [3.32620, 2.68433, 1.06150],
+            [3.50811, 1.36802, 3.38539],
+            [4.06687, 1.08536, 4.12432],
+            [2.86824, 1.97044, 3.79255],
+            [1.48273, 3.50517, 3.58574],
+            [0.80705, 4.16426, 3.36853],
+            [1.33109, 2.79437, 2.94552],
         ],
         cell=[4.6, 4.6, 4.6],
         pbc=True,
@@ -47,9 +55,12 @@ def cp2k(**changes):
 
 def direct_cp2k(atoms: Atoms, folder) -> tuple[float, np.ndarray]:
     """Energy (eV) and forces (eV/Å) from ``cp2k -i`` on an input written by hand."""
-    coords = "\n".join(f"      {s} {x:.10f} {y:.10f} {z:.10f}" for s, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions))
+    coords = "\n".join(
+        f"      {s} {x:.10f} {y:.10f} {z:.10f}" for s, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions)
+    )
     kinds = "\n".join(
-        f"    &KIND {el}\n      BASIS_SET SZV-MOLOPT-SR-GTH\n      POTENTIAL GTH-PBE\n    &END KIND" for el in ("H", "O")
+        f"    &KIND {el}\n      BASIS_SET SZV-MOLOPT-SR-GTH\n      POTENTIAL GTH-PBE\n    &END KIND"
+        for el in ("H", "O")
     )
     a, b, c = atoms.cell.lengths()
     (folder / "direct.inp").write_text(
@@ -92,7 +103,10 @@ def direct_cp2k(atoms: Atoms, folder) -> tuple[float, np.ndarray]:
 """
     )
     subprocess.run(
-        ["cp2k", "-i", "direct.inp", "-o", "direct.out"], cwd=folder, check=True, timeout=300,
+        ["cp2k", "-i", "direct.inp", "-o", "direct.out"],
+        cwd=folder,
+        check=True,
+        timeout=300,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     out = (folder / "direct.out").read_text()

@@ -88,7 +88,11 @@ def test_a_calculation_past_the_timeout_is_killed_and_the_next_one_runs(tmp_path
     for atoms in (big, small):
         atoms.info.update(charge=0, multiplicity=1)
     start = time.perf_counter()
-    results = dict(label_stream("pyscf", {"basis": "def2-svp"}, [big, small], [tmp_path / "b", tmp_path / "s"], workers=1, timeout_s=2))
+    results = dict(
+        label_stream(
+            "pyscf", {"basis": "def2-svp"}, [big, small], [tmp_path / "b", tmp_path / "s"], workers=1, timeout_s=2
+        )
+    )
     assert time.perf_counter() - start < 30
     assert results[0].status == "timeout" and "2 s" in results[0].error
     assert results[1].ok
@@ -97,11 +101,14 @@ def test_a_calculation_past_the_timeout_is_killed_and_the_next_one_runs(tmp_path
 def test_isolated_adapter_runs_its_calculations_side_by_side(tmp_path):
     frames = waters(4)
     settings = {
-        "calculator": FAULTY, "retries": [],
+        "calculator": FAULTY,
+        "retries": [],
         "parameters": {"faults": ["crash", "hang", "garbage"], "counter": str(tmp_path / "count")},
     }
     start = time.perf_counter()
-    results = dict(label_stream("ase", settings, frames, [tmp_path / str(i) for i in range(4)], workers=2, threads=1, timeout_s=4))
+    results = dict(
+        label_stream("ase", settings, frames, [tmp_path / str(i) for i in range(4)], workers=2, threads=1, timeout_s=4)
+    )
     elapsed = time.perf_counter() - start
     statuses = sorted(r.status for r in results.values())
     assert statuses == ["failed", "failed", "ok", "timeout"]

@@ -44,7 +44,11 @@ def direct(atoms: Atoms, xc: str, basis: str, conv_tol: float) -> tuple[float, n
     spin = atoms.info["multiplicity"] - 1
     mol = gto.M(
         atom=list(zip(atoms.get_chemical_symbols(), map(tuple, atoms.positions))),
-        unit="Angstrom", basis=basis, charge=atoms.info["charge"], spin=spin, verbose=0,
+        unit="Angstrom",
+        basis=basis,
+        charge=atoms.info["charge"],
+        spin=spin,
+        verbose=0,
     )
     mf = (dft.RKS if spin == 0 else dft.UKS)(mol, xc=xc).density_fit()
     mf.grids.level = 3

@@ -46,8 +46,11 @@ def ice_like_cell() -> Atoms:
 def direct(atoms: Atoms) -> tuple[float, np.ndarray]:
     """Energy (eV) and forces (eV/Å) from tblite's own interface, default GFN2-xTB settings."""
     calc = Calculator(
-        "GFN2-xTB", atoms.numbers, atoms.positions / Bohr,
-        charge=atoms.info["charge"], uhf=atoms.info["multiplicity"] - 1,
+        "GFN2-xTB",
+        atoms.numbers,
+        atoms.positions / Bohr,
+        charge=atoms.info["charge"],
+        uhf=atoms.info["multiplicity"] - 1,
     )
     calc.set("verbosity", 0)
     res = calc.singlepoint()
@@ -55,7 +58,8 @@ def direct(atoms: Atoms) -> tuple[float, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    "atoms", [hydronium(), hydroxyl(charge=-1, multiplicity=1), hydroxyl(charge=0, multiplicity=2)],
+    "atoms",
+    [hydronium(), hydroxyl(charge=-1, multiplicity=1), hydroxyl(charge=0, multiplicity=2)],
     ids=["H3O+", "OH-", "OH-radical"],
 )
 def test_matches_direct_tblite(atoms):

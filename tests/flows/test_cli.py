@@ -51,15 +51,29 @@ def test_run_refuses_unknown_elements_and_overlaps(tmp_path):
     assert result.exit_code == 2 and "overlap" in result.output
 
 
-BOX = {"symbols": ["O", "H", "H"], "positions": [[0, 0, 0], [0.76, 0.59, 0], [-0.76, 0.59, 0]], "cell": [[6, 0, 0], [0, 6, 0], [0, 0, 6]], "pbc": True}
+BOX = {
+    "symbols": ["O", "H", "H"],
+    "positions": [[0, 0, 0], [0.76, 0.59, 0], [-0.76, 0.59, 0]],
+    "cell": [[6, 0, 0], [0, 6, 0], [0, 0, 6]],
+    "pbc": True,
+}
 
 
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"system": {"charge": 0, "structure": BOX}, "reference": {"adapter": "pyscf"}}, ["periodic", "molecules only"]),
-        ({"reference": {"adapter": "ase", "settings": {"calculator": "cp2k", "command": "no-such-code -s"}}}, ["no-such-code", "not on PATH"]),
-        ({"reference": {"adapter": "ase", "settings": {"calculator": "tblite.ase:TBLite"}}}, ["charge 1", "charge_parameter"]),
+        (
+            {"system": {"charge": 0, "structure": BOX}, "reference": {"adapter": "pyscf"}},
+            ["periodic", "molecules only"],
+        ),
+        (
+            {"reference": {"adapter": "ase", "settings": {"calculator": "cp2k", "command": "no-such-code -s"}}},
+            ["no-such-code", "not on PATH"],
+        ),
+        (
+            {"reference": {"adapter": "ase", "settings": {"calculator": "tblite.ase:TBLite"}}},
+            ["charge 1", "charge_parameter"],
+        ),
     ],
 )
 def test_run_refuses_a_system_the_adapter_cannot_label(tmp_path, change, words):
@@ -96,9 +110,13 @@ def test_database_url_comes_from_the_file_or_the_environment(tmp_path, monkeypat
     monkeypatch.setenv("IONFLOW_DATABASE_URL", "postgresql+psycopg://ionflow@db.cluster:5432/prov")
     cfg = load_config(path)
     assert not cfg.default_database and cfg.db_url == "postgresql+psycopg://ionflow@db.cluster:5432/prov"
-    own = write_campaign(tmp_path, tiny_campaign(tmp_path, database_url=f"sqlite:///{tmp_path / 'shared.db'}"), "own.yaml")
+    own = write_campaign(
+        tmp_path, tiny_campaign(tmp_path, database_url=f"sqlite:///{tmp_path / 'shared.db'}"), "own.yaml"
+    )
     assert load_config(own).db_url == f"sqlite:///{tmp_path / 'shared.db'}"  # the file's wins
-    secret = write_campaign(tmp_path, tiny_campaign(tmp_path, database_url="postgresql+psycopg://u:hunter2@h/db"), "s.yaml")
+    secret = write_campaign(
+        tmp_path, tiny_campaign(tmp_path, database_url="postgresql+psycopg://u:hunter2@h/db"), "s.yaml"
+    )
     with pytest.raises(ConfigError, match="password") as info:
         load_config(secret)
     assert "hunter2" not in str(info.value)
@@ -116,7 +134,9 @@ def test_db_upgrade_migrates_a_database_given_by_url_or_environment(tmp_path, mo
     result = runner.invoke(app, ["db", "current"])
     assert result.output.strip() == "0001"
     result = runner.invoke(app, ["db", "upgrade", "postgresql+psycopg://nobody:pw@127.0.0.1:1/none"])
-    assert result.exit_code == 2 and "cannot reach" in result.output and "pw" not in result.output.replace("psycopg", "")
+    assert (
+        result.exit_code == 2 and "cannot reach" in result.output and "pw" not in result.output.replace("psycopg", "")
+    )
 
 
 def test_deploy_refuses_a_bad_schedule_and_a_missing_server(tmp_path, monkeypatch):

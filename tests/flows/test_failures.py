@@ -25,7 +25,10 @@ def reference(counter: Path, cap: float) -> dict:
         "max_failure_ratio": cap,
         "settings": {
             "calculator": FAULTY,
-            "parameters": {"faults": ["crash", "hang", "garbage", "unconverged", "unconverged", "unconverged"], "counter": str(counter)},
+            "parameters": {
+                "faults": ["crash", "hang", "garbage", "unconverged", "unconverged", "unconverged"],
+                "counter": str(counter),
+            },
             "charge_parameter": "charge",
             "multiplicity_parameter": "multiplicity",
             "unconverged_patterns": ["SCC NOT CONVERGED"],
@@ -63,7 +66,9 @@ def test_failures_are_recorded_the_cap_stops_the_campaign_and_it_resumes(tmp_pat
         assert crash.status == "failed" and "CalculationFailed" in crash.error
         assert hang.status == "timeout" and "4 s" in hang.error
         assert garbage.status == "failed" and "ValueError" in garbage.error
-        assert stubborn.status == "unconverged" and "SCC NOT CONVERGED" in stubborn.error and "retries" in stubborn.error
+        assert (
+            stubborn.status == "unconverged" and "SCC NOT CONVERGED" in stubborn.error and "retries" in stubborn.error
+        )
         assert rescued.status == "ok" and rescued.settings["run"]["retries"] == [{"max_iterations": 500}]
         for calc in first:
             # the records: code and version, settings hash, wall time, host, run folder
@@ -91,4 +96,3 @@ def test_failures_are_recorded_the_cap_stops_the_campaign_and_it_resumes(tmp_pat
         ).all()
         assert trained_on and set(trained_on) == {"ok"}
         assert session.scalar(select(Campaign.status)) == "finished"
-

@@ -34,7 +34,9 @@ def frames(tmp_path):
 def test_labels_match_the_adapter_and_keep_order_and_charge(tmp_path, frames):
     path, _ = frames
     out = tmp_path / "out.extxyz"
-    result = runner.invoke(app, ["label", str(path), str(out), "--adapter", "tblite", "--workers", "2", "--threads", "1"])
+    result = runner.invoke(
+        app, ["label", str(path), str(out), "--adapter", "tblite", "--workers", "2", "--threads", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert "4 of 4 structures labelled (4 computed, 0 reused)" in result.output
     labelled = read(str(out), index=":")
@@ -60,10 +62,25 @@ def test_failures_are_listed_and_written_apart(tmp_path, frames):
     path, _ = frames
     out = tmp_path / "out.extxyz"
     args = [
-        "label", str(path), str(out), "--adapter", "ase", "--timeout", "3",
-        "--set", f"calculator={FAULTY}", "--set", "charge_parameter=charge",
-        "--set", "multiplicity_parameter=multiplicity", "--set", "retries=[]",
-        "--set", "parameters.faults=[garbage, hang]", "--set", f"parameters.counter={tmp_path / 'count'}",
+        "label",
+        str(path),
+        str(out),
+        "--adapter",
+        "ase",
+        "--timeout",
+        "3",
+        "--set",
+        f"calculator={FAULTY}",
+        "--set",
+        "charge_parameter=charge",
+        "--set",
+        "multiplicity_parameter=multiplicity",
+        "--set",
+        "retries=[]",
+        "--set",
+        "parameters.faults=[garbage, hang]",
+        "--set",
+        f"parameters.counter={tmp_path / 'count'}",
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 3, result.output
@@ -97,10 +114,23 @@ def test_bad_input_is_refused_before_any_calculation(tmp_path, frames):
 def test_training_refuses_labels_of_two_levels_of_theory(tmp_path, frames):
     path, _ = frames
     for method in ("GFN2-xTB", "GFN1-xTB"):
-        result = runner.invoke(app, ["label", str(path), str(tmp_path / f"{method}.extxyz"), "--adapter", "tblite", "--set", f"method={method}"])
+        result = runner.invoke(
+            app,
+            [
+                "label",
+                str(path),
+                str(tmp_path / f"{method}.extxyz"),
+                "--adapter",
+                "tblite",
+                "--set",
+                f"method={method}",
+            ],
+        )
         assert result.exit_code == 0, result.output
     mixed = read(str(tmp_path / "GFN2-xTB.extxyz"), index=":3") + read(str(tmp_path / "GFN1-xTB.extxyz"), index=":3")
     write(str(tmp_path / "mixed.extxyz"), mixed, format="extxyz")
-    result = runner.invoke(app, ["train", str(tmp_path / "mixed.extxyz"), "-o", str(tmp_path / "m.pt"), "--epochs", "1"])
+    result = runner.invoke(
+        app, ["train", str(tmp_path / "mixed.extxyz"), "-o", str(tmp_path / "m.pt"), "--epochs", "1"]
+    )
     assert result.exit_code != 0
     assert "different levels of theory" in result.output

@@ -6,6 +6,7 @@ finishes, and no reference calculation is repeated or lost."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,10 +40,8 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
@@ -65,7 +64,9 @@ def server(tmp_path_factory):
         PREFECT_LOGGING_LEVEL="INFO",
     )
     env.pop("PREFECT_API_KEY", None)
-    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log")
+    proc = _start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log"
+    )
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -103,16 +104,18 @@ def _descendants(pid: int) -> list[int]:
 def _crash(proc: subprocess.Popen) -> None:
     """kill -9 a worker and everything it started, as when its node dies."""
     for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
     proc.log.close()
 
 
 def _worker(env, home: Path, pool: str, name: str) -> subprocess.Popen:
-    return _start([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name], env, home / f"{name}.log")
+    return _start(
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name],
+        env,
+        home / f"{name}.log",
+    )
 
 
 def _run_deployment(env, name: str, timeout_s: float = 400):
@@ -133,7 +136,9 @@ with get_client(sync_client=True) as client:
         time.sleep(1)
 print("TIMEOUT", flush=True)
 """
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _flow_runs(env) -> list[dict]:
@@ -160,7 +165,11 @@ def test_deployed_campaign_runs_on_work_pools_and_survives_a_killed_worker(serve
     config = tiny_campaign(tmp_path, iterations=1)
     path = write_campaign(tmp_path, config)
     deployed = subprocess.run(
-        [str(BIN / "ionflow"), "deploy", str(path), "--label-concurrency", "1"], env=env, capture_output=True, text=True, timeout=300
+        [str(BIN / "ionflow"), "deploy", str(path), "--label-concurrency", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "ionflow-campaign/tiny on pool cpu" in deployed.stdout and "ionflow-gpu-step/tiny" in deployed.stdout
@@ -211,7 +220,10 @@ def test_deployed_campaign_runs_on_work_pools_and_survives_a_killed_worker(serve
         assert out.strip().endswith("COMPLETED"), out + err + (home / "cpu-2.log").read_text()[-4000:]
         # a recurring campaign: the schedule is the deployment's
         redeployed = subprocess.run(
-            [str(BIN / "ionflow"), "deploy", str(path), "--cron", "0 3 * * *"], env=env, capture_output=True, text=True,
+            [str(BIN / "ionflow"), "deploy", str(path), "--cron", "0 3 * * *"],
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=300,
         )
         assert redeployed.returncode == 0 and "schedule 0 3 * * *" in redeployed.stdout, redeployed.stderr
@@ -233,7 +245,9 @@ def test_deployed_campaign_runs_on_work_pools_and_survives_a_killed_worker(serve
         assert session.scalar(select(func.count()).select_from(Model)) == 3  # v0..v2
         calcs = session.scalar(select(func.count()).select_from(Calculation))
         distinct = session.scalar(select(func.count(func.distinct(Calculation.structure_id))))
-        chosen = session.scalar(select(func.count()).select_from(SelectionDecision).where(SelectionDecision.chosen.is_(True)))
+        chosen = session.scalar(
+            select(func.count()).select_from(SelectionDecision).where(SelectionDecision.chosen.is_(True))
+        )
         assert calcs == distinct  # none repeated
         bootstrap = config["bootstrap"]["n_train"] + config["bootstrap"]["n_test"]
         assert calcs == bootstrap + chosen > first_calcs  # the bootstrap and every chosen frame: none lost

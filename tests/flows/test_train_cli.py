@@ -54,8 +54,20 @@ def test_train_writes_a_model_that_loads_as_a_calculator(tmp_path, labelled_fram
     data = write_dataset(tmp_path / "data.extxyz", labelled_frames)
     model = tmp_path / "out" / "model.pt"
     args = [
-        "train", str(data), "-o", str(model), "--config", str(write_config(tmp_path / "model.yaml")),
-        "--electrostatics", "equilibrated", "--epochs", "5", "--ensemble-size", "2", "--valid-fraction", "0.25",
+        "train",
+        str(data),
+        "-o",
+        str(model),
+        "--config",
+        str(write_config(tmp_path / "model.yaml")),
+        "--electrostatics",
+        "equilibrated",
+        "--epochs",
+        "5",
+        "--ensemble-size",
+        "2",
+        "--valid-fraction",
+        "0.25",
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -82,8 +94,20 @@ def test_train_a_shallow_ensemble(tmp_path, labelled_frames):
     data = write_dataset(tmp_path / "data.extxyz", labelled_frames)
     model = tmp_path / "shallow.pt"
     args = [
-        "train", str(data), "-o", str(model), "--config", str(write_config(tmp_path / "model.yaml")),
-        "--uncertainty", "shallow", "--ensemble-size", "5", "--epochs", "4", "--valid-fraction", "0.25",
+        "train",
+        str(data),
+        "-o",
+        str(model),
+        "--config",
+        str(write_config(tmp_path / "model.yaml")),
+        "--uncertainty",
+        "shallow",
+        "--ensemble-size",
+        "5",
+        "--epochs",
+        "4",
+        "--valid-fraction",
+        "0.25",
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

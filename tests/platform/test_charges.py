@@ -54,7 +54,9 @@ def test_spin_channels_match_charge_and_multiplicity():
     batch, _ = _batch()
     total = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
     mult = torch.tensor([2.0, 3.0, 1.0], dtype=torch.float64)
-    q, s = equilibrate_spin(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), batch, total, mult)
+    q, s = equilibrate_spin(
+        torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), batch, total, mult
+    )
     q_sum = torch.zeros(3, dtype=torch.float64).index_add_(0, batch, q)
     s_sum = torch.zeros(3, dtype=torch.float64).index_add_(0, batch, s)
     assert torch.allclose(q_sum, total, atol=1e-12)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ionflow.platform.model import build_batch
 from ionflow.platform.md import MIN_CONTACT, run_walkers
+from ionflow.platform.model import build_batch
 from ionflow.platform.structures import closest_contact, structure_hash
 
 MD = dict(timestep_fs=0.5, temperature_K=300.0, friction_per_fs=0.02, sample_every=5)

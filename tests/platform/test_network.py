@@ -24,8 +24,14 @@ def committee(
 ) -> Ensemble:
     """Two members, or three heads (two contrasts) of a shallow ensemble."""
     hyper = ModelConfig(
-        electrostatics=mode, ensemble_size=2 if uncertainty == "committee" else 3, hidden_irreps="8x0e+8x1o",
-        mlp_irreps="8x0e", num_interactions=1, dtype=dtype, r_max=r_max, uncertainty=uncertainty,
+        electrostatics=mode,
+        ensemble_size=2 if uncertainty == "committee" else 3,
+        hidden_irreps="8x0e+8x1o",
+        mlp_irreps="8x0e",
+        num_interactions=1,
+        dtype=dtype,
+        r_max=r_max,
+        uncertainty=uncertainty,
     ).model_dump()
     spec = ModelSpec(hyper=hyper, z_table=list(z_table), atomic_energies=[-1.0] * len(z_table), scale=2.0)
     torch.manual_seed(0)

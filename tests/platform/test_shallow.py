@@ -28,7 +28,11 @@ FAST = dict(learning_rate=2e-2, batch_size=16, energy_weight=10.0, forces_weight
 
 def shallow_hyper(k: int = 4, electrostatics: str = "equilibrated") -> dict:
     return ModelConfig(
-        uncertainty="shallow", ensemble_size=k, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", num_interactions=2,
+        uncertainty="shallow",
+        ensemble_size=k,
+        hidden_irreps="8x0e+8x1o",
+        mlp_irreps="8x0e",
+        num_interactions=2,
         electrostatics=electrostatics,
     ).model_dump()
 
@@ -48,9 +52,16 @@ def test_one_backbone_with_k_heads(h3o_labelled):
     out = model(build_batch(h3o_labelled[:3], model.z_table, model.r_max))
     assert out["energy"].shape == (5, 3) and out["forces"].shape == (5, 12, 3)
     assert out["charges"].shape == (1, 12), "the heads share one charge model"
-    assert torch.allclose(out["energy"].mean(0), model.member(build_batch(h3o_labelled[:3], model.z_table, model.r_max))["energy"])
+    assert torch.allclose(
+        out["energy"].mean(0), model.member(build_batch(h3o_labelled[:3], model.z_table, model.r_max))["energy"]
+    )
     assert out["energy"].std(0).min() > 0, "the heads start apart"
-    committee_params = sum(p.numel() for p in build_ensemble(new_spec(h3o_labelled, {**shallow_hyper(5), "uncertainty": "committee"}, 1)).parameters())
+    committee_params = sum(
+        p.numel()
+        for p in build_ensemble(
+            new_spec(h3o_labelled, {**shallow_hyper(5), "uncertainty": "committee"}, 1)
+        ).parameters()
+    )
     assert sum(p.numel() for p in model.parameters()) < 0.25 * committee_params
 
 

@@ -91,10 +91,7 @@ def test_evaluate_reports_per_atom_energy_errors(untrained_committee, h3o_labell
     batch = build_batch(frames, untrained_committee.z_table, untrained_committee.r_max)
     pred = untrained_committee.predict(batch)
     forces = pred["forces"].numpy().reshape(len(frames), -1, 3)
-    own = [
-        labelled_copy(a, float(e) + 0.1 * len(a), f)
-        for a, e, f in zip(frames, pred["energy"].numpy(), forces)
-    ]
+    own = [labelled_copy(a, float(e) + 0.1 * len(a), f) for a, e, f in zip(frames, pred["energy"].numpy(), forces)]
     errors = evaluate(untrained_committee, own, batch_size=2)
     assert errors["n"] == 3
     assert errors["energy_rmse"] == pytest.approx(0.1, abs=1e-9)

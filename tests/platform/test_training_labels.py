@@ -167,8 +167,17 @@ def test_evaluate_reports_charge_and_dipole_errors(electrostatic_committee, tran
 
 def test_model_without_electrostatics_ignores_the_labels(translated_h3o):
     committee, report = train_committee(
-        translated_h3o[:4], [], tiny_hyper("none"), epochs=1, learning_rate=1e-2, batch_size=8,
-        energy_weight=1.0, forces_weight=1.0, charges_weight=1.0, dipole_weight=1.0, seed=0,
+        translated_h3o[:4],
+        [],
+        tiny_hyper("none"),
+        epochs=1,
+        learning_rate=1e-2,
+        batch_size=8,
+        energy_weight=1.0,
+        forces_weight=1.0,
+        charges_weight=1.0,
+        dipole_weight=1.0,
+        seed=0,
     )
     assert np.isfinite(report.train_loss)
     assert "dipole_rmse" not in evaluate(committee, translated_h3o[4:6])

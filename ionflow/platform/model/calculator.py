@@ -24,7 +24,14 @@ class CommitteeCalculator(Calculator):
     """
 
     implemented_properties = [
-        "energy", "free_energy", "forces", "stress", "charges", "dipole", "energy_uncertainty", "forces_uncertainty",
+        "energy",
+        "free_energy",
+        "forces",
+        "stress",
+        "charges",
+        "dipole",
+        "energy_uncertainty",
+        "forces_uncertainty",
     ]
 
     def __init__(self, committee: Ensemble, **kwargs) -> None:
@@ -35,7 +42,10 @@ class CommitteeCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         periodic = bool(np.all(self.atoms.pbc))
         batch = build_batch(
-            [self.atoms], self.committee.z_table, self.committee.r_max, dtype=self.committee.spec.dtype,
+            [self.atoms],
+            self.committee.z_table,
+            self.committee.r_max,
+            dtype=self.committee.spec.dtype,
             device=self.committee.device,
         )
         pred = {k: v.cpu() for k, v in self.committee.predict(batch, compute_stress=periodic).items()}

@@ -62,7 +62,9 @@ def equilibrate_spin(
     return channels.sum(-1), channels[:, 0] - channels[:, 1]
 
 
-def dipole(charges: torch.Tensor, positions: torch.Tensor, masses: torch.Tensor, batch: torch.Tensor, n_structures: int) -> torch.Tensor:
+def dipole(
+    charges: torch.Tensor, positions: torch.Tensor, masses: torch.Tensor, batch: torch.Tensor, n_structures: int
+) -> torch.Tensor:
     """Dipole moments (g, 3) in e·Å about each structure's centre of mass (origin-free only when Q = 0)."""
     total_mass = _per_structure_sum(masses, batch, n_structures)
     centre = _per_structure_sum(masses[:, None] * positions, batch, n_structures) / total_mass[:, None]

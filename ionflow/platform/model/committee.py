@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from e3nn import o3  # noqa: E402, I001
 
 from ionflow.platform.model._mace import ScaleShiftMACE, interaction_classes  # before e3nn
 from ionflow.platform.model.network import Member
-
-from e3nn import o3  # noqa: E402, I001
 
 # MACE's defaults for the interaction blocks of its "MACE" model type.
 _INTERACTION = interaction_classes["RealAgnosticResidualInteractionBlock"]

@@ -85,7 +85,9 @@ def direct_energies(
     return torch.zeros(len(ranges), dtype=positions.dtype, device=device).index_add_(0, owner, pair)
 
 
-def _half_neighbours(positions: np.ndarray, cell: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _half_neighbours(
+    positions: np.ndarray, cell: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each periodic pair within ``cutoff`` once (i<j, or i==j for an atom and its image, one of ±S)."""
     i, j, S = neighbour_list("ijS", positions=positions, cell=cell, pbc=[True, True, True], cutoff=cutoff)
     first_nonzero = np.where(S[:, 0] != 0, S[:, 0], np.where(S[:, 1] != 0, S[:, 1], S[:, 2]))
@@ -157,7 +159,7 @@ def _ewald_kvectors(cell: torch.Tensor, wavelength: float) -> int:
 
 
 def choose_method(cell: torch.Tensor, n_atoms: int, wavelength: float, mesh_spacing: float) -> str:
-    """"ewald" or "pme", whichever is estimated cheaper for energy + forces.
+    """ "ewald" or "pme", whichever is estimated cheaper for energy + forces.
 
     Ewald costs ~ (k-vectors × atoms), PME ~ (mesh points × log) + (atoms × stencil); the
     weights are rough, from energy+forces timings with torch 2.13 on a 2-core CPU (float64)
@@ -238,7 +240,9 @@ def _periodic(
     s = _pair_widths(sigma, i_t, j_t)
     if s is not None:
         # Gaussian clouds: remove the short-ranged erfc(r/(√2σ_ij))/r from every point pair.
-        energy = energy - COULOMB_CONSTANT * torch.sum(charges[i_t] * charges[j_t] * torch.erfc(r / (math.sqrt(2.0) * s)) / r)
+        energy = energy - COULOMB_CONSTANT * torch.sum(
+            charges[i_t] * charges[j_t] * torch.erfc(r / (math.sqrt(2.0) * s)) / r
+        )
     return energy
 
 

@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 from ase.data import atomic_masses
+from mace.modules.utils import get_outputs  # noqa: E402, I001
 
 from ionflow.platform.model._mace import ScaleShiftMACE  # before e3nn
 from ionflow.platform.model.charges import dipole, equilibrate_spin
 from ionflow.platform.model.electrostatics import coulomb_energy, direct_energies
-
-from mace.modules.utils import get_outputs  # noqa: E402, I001
 
 ELECTROSTATICS = ("none", "latent", "equilibrated", "polarisable")
 
@@ -74,8 +73,13 @@ def _gradients(outputs: torch.Tensor, positions: torch.Tensor, training: bool, b
         eye = torch.eye(m, dtype=outputs.dtype, device=outputs.device)
         try:
             grads = torch.autograd.grad(
-                outputs, positions, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                create_graph=training, allow_unused=True,
+                outputs,
+                positions,
+                grad_outputs=eye,
+                is_grads_batched=True,
+                retain_graph=True,
+                create_graph=training,
+                allow_unused=True,
             )[0]
         except RuntimeError:
             # some of MACE's TorchScript kernels lack vmap rules on some graphs ("Batching rule not
@@ -210,7 +214,9 @@ class Member(torch.nn.Module):
             shared = energy - local_heads.mean(0)  # [g] Coulomb and field terms, the same for every head
             contrast = (self.contrasts @ local_heads).sum(-1)  # [H−1]
             rows = contrast if compute_stress else torch.cat([energy.sum()[None], contrast])
-            grads = _gradients(rows, batch["positions"], training, batched=batch["edge_index"].shape[1] <= _BATCHED_EDGES)
+            grads = _gradients(
+                rows, batch["positions"], training, batched=batch["edge_index"].shape[1] <= _BATCHED_EDGES
+            )
             if not compute_stress:
                 forces, grads = -grads[0], grads[1:]
         if self.heads == 1 or compute_stress:

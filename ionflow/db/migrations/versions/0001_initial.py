@@ -51,9 +51,7 @@ def upgrade() -> None:
         _created_at(),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("prefect_flow_run_id", sa.String(), nullable=True),
-        sa.CheckConstraint(
-            "status IN ('running', 'finished', 'stopped', 'failed')", name=op.f("ck_campaign_status")
-        ),
+        sa.CheckConstraint("status IN ('running', 'finished', 'stopped', 'failed')", name=op.f("ck_campaign_status")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_campaign")),
         sa.UniqueConstraint("name", name=op.f("uq_campaign_name")),
     )
@@ -68,9 +66,7 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("metrics", sa.JSON(), nullable=True),
         sa.Column("prefect_flow_run_id", sa.String(), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["campaign_id"], ["campaign.id"], name=op.f("fk_iteration_campaign_id_campaign")
-        ),
+        sa.ForeignKeyConstraint(["campaign_id"], ["campaign.id"], name=op.f("fk_iteration_campaign_id_campaign")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_iteration")),
         sa.UniqueConstraint("campaign_id", "index", name=op.f("uq_iteration_campaign_id_index")),
     )
@@ -107,19 +103,11 @@ def upgrade() -> None:
         sa.Column("run_dir", sa.String(), nullable=True),
         sa.Column("iteration_id", sa.Integer(), nullable=True),
         _created_at(),
-        sa.CheckConstraint(
-            "status IN ('ok', 'failed', 'unconverged', 'timeout')", name=op.f("ck_calculation_status")
-        ),
-        sa.ForeignKeyConstraint(
-            ["iteration_id"], ["iteration.id"], name=op.f("fk_calculation_iteration_id_iteration")
-        ),
-        sa.ForeignKeyConstraint(
-            ["structure_id"], ["structure.id"], name=op.f("fk_calculation_structure_id_structure")
-        ),
+        sa.CheckConstraint("status IN ('ok', 'failed', 'unconverged', 'timeout')", name=op.f("ck_calculation_status")),
+        sa.ForeignKeyConstraint(["iteration_id"], ["iteration.id"], name=op.f("fk_calculation_iteration_id_iteration")),
+        sa.ForeignKeyConstraint(["structure_id"], ["structure.id"], name=op.f("fk_calculation_structure_id_structure")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_calculation")),
-        sa.UniqueConstraint(
-            "structure_id", "settings_hash", name=op.f("uq_calculation_structure_id_settings_hash")
-        ),
+        sa.UniqueConstraint("structure_id", "settings_hash", name=op.f("uq_calculation_structure_id_settings_hash")),
     )
     for column in ("settings_hash", "iteration_id"):
         _index("calculation", column)
@@ -138,9 +126,7 @@ def upgrade() -> None:
         _hash("checkpoint_sha256"),
         _created_at(),
         sa.ForeignKeyConstraint(["campaign_id"], ["campaign.id"], name=op.f("fk_model_campaign_id_campaign")),
-        sa.ForeignKeyConstraint(
-            ["iteration_id"], ["iteration.id"], name=op.f("fk_model_iteration_id_iteration")
-        ),
+        sa.ForeignKeyConstraint(["iteration_id"], ["iteration.id"], name=op.f("fk_model_iteration_id_iteration")),
         sa.ForeignKeyConstraint(["parent_id"], ["model.id"], name=op.f("fk_model_parent_id_model")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_model")),
         sa.UniqueConstraint("campaign_id", "version", name=op.f("uq_model_campaign_id_version")),
@@ -181,9 +167,7 @@ def upgrade() -> None:
         sa.Column("wall_time_s", sa.Double(), nullable=False),
         _created_at(),
         sa.ForeignKeyConstraint(["campaign_id"], ["campaign.id"], name=op.f("fk_md_run_campaign_id_campaign")),
-        sa.ForeignKeyConstraint(
-            ["iteration_id"], ["iteration.id"], name=op.f("fk_md_run_iteration_id_iteration")
-        ),
+        sa.ForeignKeyConstraint(["iteration_id"], ["iteration.id"], name=op.f("fk_md_run_iteration_id_iteration")),
         sa.ForeignKeyConstraint(["model_id"], ["model.id"], name=op.f("fk_md_run_model_id_model")),
         sa.ForeignKeyConstraint(
             ["start_structure_id"], ["structure.id"], name=op.f("fk_md_run_start_structure_id_structure")
@@ -208,16 +192,12 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["iteration_id"], ["iteration.id"], name=op.f("fk_campaign_structure_iteration_id_iteration")
         ),
-        sa.ForeignKeyConstraint(
-            ["md_run_id"], ["md_run.id"], name=op.f("fk_campaign_structure_md_run_id_md_run")
-        ),
+        sa.ForeignKeyConstraint(["md_run_id"], ["md_run.id"], name=op.f("fk_campaign_structure_md_run_id_md_run")),
         sa.ForeignKeyConstraint(
             ["structure_id"], ["structure.id"], name=op.f("fk_campaign_structure_structure_id_structure")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_campaign_structure")),
-        sa.UniqueConstraint(
-            "campaign_id", "structure_id", name=op.f("uq_campaign_structure_campaign_id_structure_id")
-        ),
+        sa.UniqueConstraint("campaign_id", "structure_id", name=op.f("uq_campaign_structure_campaign_id_structure_id")),
     )
     for column in ("structure_id", "iteration_id", "md_run_id"):
         _index("campaign_structure", column)
@@ -237,9 +217,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["iteration_id"], ["iteration.id"], name=op.f("fk_selection_decision_iteration_id_iteration")
         ),
-        sa.ForeignKeyConstraint(
-            ["md_run_id"], ["md_run.id"], name=op.f("fk_selection_decision_md_run_id_md_run")
-        ),
+        sa.ForeignKeyConstraint(["md_run_id"], ["md_run.id"], name=op.f("fk_selection_decision_md_run_id_md_run")),
         sa.ForeignKeyConstraint(
             ["structure_id"], ["structure.id"], name=op.f("fk_selection_decision_structure_id_structure")
         ),
