@@ -27,10 +27,11 @@ import torch
 from ase import Atoms
 from scipy.spatial.transform import Rotation
 
-from ionflow.config import ModelConfig
+from ionflow.config import ModelConfig, TrainingConfig
 from ionflow.dft_adapters import get_adapter
+from ionflow.platform.evaluation import evaluate
 from ionflow.platform.structures import labelled_copy, with_charge_state
-from ionflow.platform.training import evaluate, train_committee
+from ionflow.platform.training import train_ensemble
 
 R_MAX = 3.5
 MONOMERS = {
@@ -120,19 +121,16 @@ def main() -> None:
 
     results = {}
     for mode in args.modes:
-        hyper = ModelConfig(ensemble_size=2, r_max=R_MAX, electrostatics=mode).model_dump()
-        t = time.perf_counter()
-        committee, report = train_committee(
-            train,
-            valid,
-            hyper,
+        model = ModelConfig(ensemble_size=2, r_max=R_MAX, electrostatics=mode).settings()
+        training = TrainingConfig(
             epochs=args.epochs,
             learning_rate=args.learning_rate,
             batch_size=32,
             energy_weight=args.energy_weight,
             forces_weight=1.0,
-            seed=args.seed,
-        )
+        ).settings()
+        t = time.perf_counter()
+        committee, report = train_ensemble(train, valid, model, training, seed=args.seed)
         row = {"train_s": round(time.perf_counter() - t, 1), "best_epoch": report.best_epoch}
         row.update({k: round(v, 4) for k, v in errors(committee, test).items()})
         beyond = [a for a, g in zip(test, gaps) if g > R_MAX]

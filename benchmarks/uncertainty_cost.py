@@ -123,9 +123,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def quality() -> list[dict]:
+    from ionflow.config import TrainingConfig
     from ionflow.dft_adapters import get_adapter
+    from ionflow.platform.evaluation import evaluate
     from ionflow.platform.structures import labelled_copy
-    from ionflow.platform.training import evaluate, train_committee
+    from ionflow.platform.training import train_ensemble
 
     frames = rattled(with_charge_state(HYDRONIUM.copy(), 1, 1), n=60, stdev=0.12, seed=7)
     results = get_adapter("tblite").label(frames)
@@ -133,17 +135,18 @@ def quality() -> list[dict]:
     train, valid, test = frames[:24], frames[24:36], frames[36:]
     rows = []
     for kind, k in [("committee", 4), ("shallow", 4), ("shallow", 8)]:
-        hyper = ModelConfig(
+        settings = ModelConfig(
             uncertainty=kind,
             ensemble_size=k,
             hidden_irreps="8x0e+8x1o",
             mlp_irreps="8x0e",
             electrostatics="equilibrated",
-        ).model_dump()
+        ).settings()
+        training = TrainingConfig(
+            epochs=80, learning_rate=2e-2, batch_size=16, energy_weight=10, forces_weight=1
+        ).settings()
         t0 = time.perf_counter()
-        model, _ = train_committee(
-            train, valid, hyper, epochs=80, learning_rate=2e-2, batch_size=16, energy_weight=10, forces_weight=1, seed=3
-        )
+        model, _ = train_ensemble(train, valid, settings, training, seed=3)
         wall = time.perf_counter() - t0
         metrics = evaluate(model, test)
         batch = build_batch(test, model.z_table, model.r_max)

@@ -3,6 +3,10 @@
 Everything a campaign needs is declared here once and validated at the edge
 (:func:`load_config`); the rest of ionflow trusts a :class:`CampaignConfig`.
 Units: Å, eV, fs, K.
+
+Longer than ionflow's other modules on purpose: it is the campaign file's schema, and a user
+(or a reviewer) reads every section, default, unit and bound in one place, top to bottom; the
+functions at the end turn pydantic's errors into messages that name the field.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from ionflow.platform.settings import ModelSettings, TrainingSettings
 from ionflow.platform.structures import (
     charge_state_problem,
     overlap_problem,
@@ -38,11 +43,28 @@ from ionflow.platform.structures import (
 #: Environment variable with the provenance database's URL, used when the campaign file has none.
 DATABASE_URL_VARIABLE = "IONFLOW_DATABASE_URL"
 
+#: Database backends ionflow's provenance schema and queries are written for.
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+# Upper bounds that no sensible campaign reaches: a value past one is a typo (1e300 for 1e-3),
+# refused at the edge instead of overflowing or running for years.
+#: Largest count of structures, steps or calculations of any kind.
+MAX_COUNT = 10_000_000
+#: Largest temperature in K (thermostat); hotter than any chemistry a potential is fitted for.
+MAX_TEMPERATURE_K = 10_000.0
+#: Largest force spread in eV/Å (thresholds); ~1000x a large DFT force error, so it means "never".
+MAX_FORCE_SPREAD = 1_000.0
+#: Largest wall time of one calculation in s (30 days).
+MAX_TIMEOUT_S = 30 * 86_400.0
+#: Largest total charge in e, either sign.
+MAX_CHARGE = 1_000
+
 
 class Strict(BaseModel):
-    """Base of every config section: unknown keys are errors, not silently ignored."""
+    """Base of every config section: unknown keys are errors, not silently ignored; NaN and
+    infinity are refused in every number (``allow_inf_nan``), so no bound is passed by a NaN."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class InlineStructure(Strict):
@@ -75,13 +97,18 @@ class InlineStructure(Strict):
         return Atoms(symbols=self.symbols, positions=self.positions, cell=self.cell, pbc=self.pbc)
 
 
+#: Tags of the two forms of ``system.structure``; pydantic puts them in an error's path, and
+#: :func:`describe_errors` leaves them out (``system.structure.symbols``, not ``...inline.symbols``).
+_STRUCTURE_TAGS = ("inline", "file")
+
+
 def _structure_kind(value: Any) -> str:
     """A mapping is an inline structure, anything else a path: errors then name one branch."""
-    return "inline" if isinstance(value, (dict, InlineStructure)) else "file"
+    return _STRUCTURE_TAGS[0] if isinstance(value, (dict, InlineStructure)) else _STRUCTURE_TAGS[1]
 
 
 StructureSource = Annotated[
-    Annotated[InlineStructure, Tag("inline")] | Annotated[Path, Tag("file")],
+    Annotated[InlineStructure, Tag(_STRUCTURE_TAGS[0])] | Annotated[Path, Tag(_STRUCTURE_TAGS[1])],
     Discriminator(_structure_kind),
 ]
 
@@ -93,8 +120,10 @@ class SystemConfig(Strict):
         description="Starting structure: inline (symbols/positions) or a path to any ASE-readable file, "
         "relative to the campaign file."
     )
-    charge: int = Field(0, description="Total charge in e.")
-    multiplicity: int = Field(1, ge=1, description="Spin multiplicity 2S+1.")
+    charge: int = Field(0, ge=-MAX_CHARGE, le=MAX_CHARGE, description="Total charge in e.")
+    multiplicity: int = Field(
+        1, ge=1, le=2 * MAX_CHARGE, description="Spin multiplicity 2S+1 (at most the electron count plus one)."
+    )
 
     def atoms(self) -> Atoms:
         """The starting structure with charge and multiplicity in ``info``."""
@@ -130,11 +159,12 @@ class ReferenceConfig(Strict):
     settings: dict[str, Any] = Field(default_factory=dict, description="Adapter settings (level of theory).")
     workers: int = Field(1, ge=1, le=256, description="Calculations run at once (worker processes).")
     threads_per_worker: int | None = Field(
-        None, ge=1, description="Threads of each calculation; default: the cores divided among the workers."
+        None, ge=1, le=1024, description="Threads of each calculation; default: the cores divided among the workers."
     )
     timeout_s: float | None = Field(
         None,
         gt=0,
+        le=MAX_TIMEOUT_S,
         description="Wall-time limit of one calculation in s; past it the calculation is killed "
         "and recorded as 'timeout'. None: no limit.",
     )
@@ -146,16 +176,23 @@ class ReferenceConfig(Strict):
         "reference calculations failed, timed out or did not converge.",
     )
 
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, adapter: str) -> str:
+        from ionflow.dft_adapters import ADAPTER_NAMES
+
+        if adapter not in ADAPTER_NAMES:
+            raise ValueError(f"unknown adapter {adapter!r}; known: {', '.join(ADAPTER_NAMES)}")
+        return adapter
+
     @model_validator(mode="after")
     def _valid_settings(self) -> ReferenceConfig:
-        from ionflow.dft_adapters import ADAPTER_NAMES, settings_model
+        from ionflow.dft_adapters import settings_model
 
-        if self.adapter not in ADAPTER_NAMES:
-            raise ValueError(f"unknown adapter {self.adapter!r}; known: {', '.join(ADAPTER_NAMES)}")
         try:
             validated = settings_model(self.adapter).model_validate(self.settings)
         except ValidationError as exc:
-            raise ValueError(f"settings for adapter {self.adapter!r}: {_first_errors(exc)}") from None
+            raise NestedErrors("settings", exc, f"the {self.adapter} adapter") from None
         self.settings = validated.model_dump(mode="json")
         return self
 
@@ -191,10 +228,7 @@ class ModelConfig(Strict):
     @field_validator("hidden_irreps", "mlp_irreps")
     @classmethod
     def _irreps(cls, value: str) -> str:
-        # isort: off
-        import ionflow.platform.model._mace  # noqa: F401  (mace before e3nn)
-        from e3nn import o3
-        # isort: on
+        from ionflow.platform.model.mace_blocks import o3  # e3nn, imported after mace
 
         try:
             o3.Irreps(value)
@@ -202,30 +236,55 @@ class ModelConfig(Strict):
             raise ValueError(f"not valid e3nn irreps: {value!r} ({exc})") from None
         return value
 
+    def settings(self) -> ModelSettings:
+        """These fields as the platform reads them (and a model file stores them)."""
+        return ModelSettings(**self.model_dump())
+
 
 class TrainingConfig(Strict):
-    """Fitting the committee to the labels."""
+    """Fitting the ensemble (committee or shallow) to the labels."""
 
-    epochs: int = Field(300, ge=1, description="Epochs for the first model (from scratch).")
-    finetune_epochs: int = Field(120, ge=1, description="Epochs when a model is refined from its parent.")
-    learning_rate: float = Field(2e-2, gt=0, le=1.0, description="Adam learning rate.")
-    batch_size: int = Field(32, ge=1, description="Structures per optimiser step.")
-    energy_weight: float = Field(1.0, ge=0, description="Weight of the per-atom energy error (eV/atom)^2.")
-    forces_weight: float = Field(1.0, ge=0, description="Weight of the force error (eV/Å)^2.")
+    epochs: int = Field(300, ge=1, le=100_000, description="Epochs for the first model (from scratch).")
+    finetune_epochs: int = Field(120, ge=1, le=100_000, description="Epochs when a model is refined from its parent.")
+    learning_rate: float = Field(
+        2e-2, gt=0, le=1.0, description="Adam learning rate of a model trained from scratch (per step, dimensionless)."
+    )
+    batch_size: int = Field(32, ge=1, le=10_000, description="Structures per optimiser step.")
+    energy_weight: float = Field(
+        1.0, ge=0, le=1e6, description="Weight of the squared per-atom energy error, (eV/atom)^-2."
+    )
+    forces_weight: float = Field(
+        1.0, ge=0, le=1e6, description="Weight of the squared force error per component, (eV/Å)^-2."
+    )
     charges_weight: float = Field(
         0.0,
         ge=0,
-        description="Weight of the atomic charge error e^2 over atoms with REF_charges. Off by default: "
+        le=1e6,
+        description="Weight (e^-2) of the squared atomic charge error over atoms with REF_charges. Off by default: "
         "atomic charges are a partition (Mulliken, Löwdin, Hirshfeld, ...) that differs between schemes "
         "and codes, unlike energies, forces and dipoles; fitting one ties the model to that scheme.",
     )
     dipole_weight: float = Field(
         10.0,
         ge=0,
-        description="Weight of the dipole error (e·Å)^2 per Cartesian component over finite structures with "
+        le=1e6,
+        description="Weight ((e·Å)^-2) of the squared dipole error per Cartesian component over finite structures with "
         "REF_dipole. Ignored with electrostatics: none, whose model predicts no charges.",
     )
     valid_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of labels kept out for validation.")
+    finetune_lr_factor: float = Field(
+        0.5,
+        gt=0,
+        le=1.0,
+        description="Learning rate of a refinement from the parent = learning_rate x this (dimensionless).",
+    )
+    nll_weight: float = Field(
+        1.0,
+        ge=0,
+        le=1e3,
+        description="Weight of the shallow ensemble's Gaussian negative log-likelihood of the labels "
+        "(dimensionless; it shapes the heads' spread). Ignored by committees.",
+    )
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainingConfig:
@@ -233,12 +292,16 @@ class TrainingConfig(Strict):
             raise ValueError("energy_weight and forces_weight cannot both be 0")
         return self
 
+    def settings(self) -> TrainingSettings:
+        """These fields as the platform reads them."""
+        return TrainingSettings(**self.model_dump())
+
 
 class BootstrapConfig(Strict):
     """The first labels: random displacements of the starting structure."""
 
-    n_train: int = Field(8, ge=2, description="Rattled structures labelled to train the first model.")
-    n_test: int = Field(6, ge=1, description="Rattled structures labelled once as the fixed test set.")
+    n_train: int = Field(8, ge=2, le=MAX_COUNT, description="Rattled structures labelled to train the first model.")
+    n_test: int = Field(6, ge=1, le=MAX_COUNT, description="Rattled structures labelled once as the fixed test set.")
     rattle_stdev: float = Field(0.04, gt=0, le=0.5, description="Standard deviation of the displacements, Å.")
 
 
@@ -246,16 +309,33 @@ class ExploreConfig(Strict):
     """Langevin MD walkers driven by the committee mean."""
 
     walkers: int = Field(4, ge=1, le=256, description="Independent MD walkers per iteration.")
-    steps: int = Field(200, ge=1, description="MD steps per walker per iteration.")
+    start_rattle_stdev: float = Field(
+        0.03,
+        gt=0,
+        le=0.5,
+        description="Standard deviation (Å) of the random displacements of a walker's fresh start from the "
+        "starting structure (first iteration, or after the walker was stopped).",
+    )
+    steps: int = Field(200, ge=1, le=MAX_COUNT, description="MD steps per walker per iteration.")
     timestep_fs: float = Field(0.5, gt=0, le=5.0, description="Time step in fs.")
-    temperature_K: float = Field(350.0, gt=0, description="Thermostat temperature in K.")
-    friction_per_fs: float = Field(0.02, gt=0, description="Langevin friction in 1/fs.")
-    sample_every: int = Field(10, ge=1, description="Keep one frame as a candidate every this many steps.")
+    temperature_K: float = Field(350.0, gt=0, le=MAX_TEMPERATURE_K, description="Thermostat temperature in K.")
+    friction_per_fs: float = Field(
+        0.02, gt=0, le=10.0, description="Langevin friction in 1/fs (0.001-0.1 is usual; 10 is overdamped)."
+    )
+    sample_every: int = Field(
+        10, ge=1, le=MAX_COUNT, description="Keep one frame as a candidate every this many steps."
+    )
     stop_uncertainty: float = Field(
-        1.0, gt=0, description="Stop a walker when its largest per-atom force spread exceeds this (eV/Å)."
+        1.0,
+        gt=0,
+        le=MAX_FORCE_SPREAD,
+        description="Stop a walker when its largest per-atom force spread exceeds this (eV/Å).",
     )
     temperature_ramp: float = Field(
-        1.0, ge=1.0, description="Multiply the temperature by this factor each iteration (explore further)."
+        1.0,
+        ge=1.0,
+        le=10.0,
+        description="Multiply the temperature by this factor each iteration (explore further); dimensionless.",
     )
 
     @model_validator(mode="after")
@@ -268,15 +348,26 @@ class ExploreConfig(Strict):
 class SelectionConfig(Strict):
     """Which explored frames are worth a reference calculation."""
 
-    per_iteration: int = Field(6, ge=1, description="At most this many frames are labelled per iteration.")
+    per_iteration: int = Field(
+        6, ge=1, le=MAX_COUNT, description="At most this many frames are labelled per iteration."
+    )
     threshold: float = Field(
-        0.05, gt=0, description="Frames whose largest per-atom force spread (eV/Å) is below this are trusted."
+        0.05,
+        gt=0,
+        le=MAX_FORCE_SPREAD,
+        description="Frames whose largest per-atom force spread (eV/Å) is below this are trusted.",
     )
     ceiling: float = Field(
-        2.0, gt=0, description="Frames above this force spread (eV/Å) are treated as unphysical and skipped."
+        2.0,
+        gt=0,
+        le=MAX_FORCE_SPREAD,
+        description="Frames above this force spread (eV/Å) are treated as unphysical and skipped.",
     )
     min_distance: float = Field(
-        0.02, ge=0, description="Frames closer than this descriptor distance (Å) to a chosen one are duplicates."
+        0.02,
+        ge=0,
+        le=100.0,
+        description="Frames closer than this descriptor distance (Å) to a chosen one are duplicates.",
     )
 
     @model_validator(mode="after")
@@ -318,8 +409,10 @@ class CampaignConfig(Strict):
         "file: put them in IONFLOW_DATABASE_URL or PostgreSQL's own PGPASSWORD / ~/.pgpass.",
     )
     iterations: int = Field(3, ge=1, le=1000, description="Explore-select-label-train iterations after bootstrap.")
-    max_labels: int | None = Field(None, ge=1, description="Stop once this many reference labels exist.")
-    seed: int = Field(0, ge=0, description="Seed of every random choice (rattles, MD, initial weights).")
+    max_labels: int | None = Field(None, ge=1, le=MAX_COUNT, description="Stop once this many reference labels exist.")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="Seed of every random choice (rattles, MD, initial weights); below 2**32."
+    )
     system: SystemConfig
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -335,13 +428,11 @@ class CampaignConfig(Strict):
         if url is None:
             return None
         from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
 
-        try:
-            parsed = make_url(url)
-        except ArgumentError:
-            raise ValueError(f"not a database URL: {url!r} (e.g. postgresql+psycopg://user@host:5432/db)") from None
-        if parsed.password:
+        problem = database_url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        if make_url(url).password:
             raise ValueError(
                 f"the URL holds a password; put it in the environment ({DATABASE_URL_VARIABLE}, PGPASSWORD or "
                 "~/.pgpass) instead of the campaign file"
@@ -387,7 +478,19 @@ class CampaignConfig(Strict):
                 "reference": {"workers", "threads_per_worker", "timeout_s", "max_failure_ratio"},
             },
         )
+        for section, key in _SETTINGS_ADDED_LATER:
+            if data[section][key] == type(getattr(self, section)).model_fields[key].default:
+                del data[section][key]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+#: Settings that once were fixed numbers in the code, whose default is that number: left out of the
+#: science hash at their default, so campaigns started before they existed still resume.
+_SETTINGS_ADDED_LATER = (
+    ("explore", "start_rattle_stdev"),
+    ("training", "finetune_lr_factor"),
+    ("training", "nll_weight"),
+)
 
 
 class TrainFile(Strict):
@@ -401,15 +504,65 @@ class ConfigError(ValueError):
     """A campaign file that cannot be used; the message names the file and the field."""
 
 
-def _first_errors(exc: ValidationError, limit: int = 5) -> str:
-    parts = []
-    for err in exc.errors()[:limit]:
-        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+class NestedErrors(ValueError):
+    """The errors of a mapping validated by hand inside a section (an adapter's ``settings``),
+    kept whole so that :func:`describe_errors` names each by its full dotted path."""
+
+    def __init__(self, key: str, errors: ValidationError, owner: str) -> None:
+        super().__init__(f"{key}: {describe_errors(errors)}")
+        self.key, self.errors, self.owner = key, errors, owner
+
+
+def _flat_errors(exc: ValidationError, prefix: tuple = (), owner: str = "this section") -> list[tuple[str, str]]:
+    """(dotted path, message) of every error, nested settings expanded."""
+    out = []
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, NestedErrors):
+            out += _flat_errors(inner.errors, (*loc, inner.key), inner.owner)
+            continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (not a setting of this section)"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+            msg = f"unknown key (not a setting of {owner})"
+        shown = [p for i, p in enumerate(loc) if not (p in _STRUCTURE_TAGS and i and loc[i - 1] == "structure")]
+        out.append((".".join(map(str, shown)), msg))
+    return out
+
+
+def describe_errors(exc: ValidationError, limit: int = 5) -> str:
+    """The first ``limit`` errors of ``exc`` as ``dotted.field.path: message``, joined by ``; ``."""
+    return "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in _flat_errors(exc)[:limit])
+
+
+def database_url_problem(url: str) -> str | None:
+    """Say why SQLAlchemy could not open the database ``url`` from this Python environment (not a
+    URL, an unknown dialect, a driver that is not installed or is asyncio-only, a backend ionflow's
+    schema is not written for), or None. Never prints the URL, which may hold a password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    example = "e.g. postgresql+psycopg://user@host:5432/db or sqlite:///path/ionflow.db"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return f"not a database URL ({example})"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        return f"SQLAlchemy knows no database dialect {parsed.drivername!r} ({example})"
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        return (
+            f"the driver of {parsed.drivername!r} is not installed (no module {exc.name or str(exc)!r}); "
+            f"install it or use another driver ({example})"
+        )
+    if getattr(dialect, "is_async", False):
+        return f"{parsed.drivername!r} is an asyncio driver; ionflow needs a synchronous one ({example})"
+    if parsed.get_backend_name() not in DATABASE_BACKENDS:
+        return f"ionflow's provenance database is {' or '.join(DATABASE_BACKENDS)}, not {parsed.get_backend_name()}"
+    return None
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -427,16 +580,20 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ca
         raise ConfigError(f"{path}: no such campaign file")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # not YAML, or not text at all
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     raw.update(overrides or {})
     raw = _resolve_paths(raw, path.parent.resolve())
     try:
-        return CampaignConfig.model_validate(raw)
+        cfg = CampaignConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_first_errors(exc)}") from None
+        raise ConfigError(f"{path}: {describe_errors(exc)}") from None
+    environment_url = os.environ.get(DATABASE_URL_VARIABLE)
+    if cfg.database_url is None and environment_url and (problem := database_url_problem(environment_url)):
+        raise ConfigError(f"{path}: database_url: none in the file, and {DATABASE_URL_VARIABLE}: {problem}")
+    return cfg
 
 
 def load_train_config(
@@ -455,7 +612,7 @@ def load_train_config(
             raise ConfigError(f"{path}: no such model config file")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:  # not YAML, or not text at all
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping with 'model:' and 'training:' sections")
@@ -466,5 +623,5 @@ def load_train_config(
     try:
         cfg = TrainFile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{name}: {_first_errors(exc)}") from None
+        raise ConfigError(f"{name}: {describe_errors(exc)}") from None
     return cfg.model, cfg.training

@@ -10,16 +10,7 @@ from ionflow.config import ModelConfig
 from ionflow.dft_adapters import get_adapter
 from ionflow.platform.model import Committee, ModelSpec
 from ionflow.platform.structures import labelled_copy, rattled
-
-
-def hydronium() -> Atoms:
-    """H3O+ (charge +1, singlet), slightly distorted so that no force vanishes by symmetry."""
-    atoms = Atoms(
-        "OH3",
-        positions=[[0.0, 0.0, 0.12], [0.0, 0.94, -0.16], [0.81, -0.47, -0.16], [-0.83, -0.46, -0.15]],
-    )
-    atoms.info.update(charge=1, multiplicity=1)
-    return atoms
+from tests.structures import hydronium
 
 
 @pytest.fixture
@@ -66,20 +57,15 @@ def trained(h3o_labelled, tiny_hyper):
 
     Returns ``(committee, report, train, valid, test)``. Session-scoped: do not modify.
     """
-    from ionflow.platform.training import train_committee
+    from ionflow.config import TrainingConfig
+    from ionflow.platform.settings import ModelSettings
+    from ionflow.platform.training import train_ensemble
 
     train, valid, test = h3o_labelled[:10], h3o_labelled[10:12], h3o_labelled[12:]
-    committee, report = train_committee(
-        train,
-        valid,
-        tiny_hyper,
-        epochs=60,
-        learning_rate=2e-2,
-        batch_size=16,
-        energy_weight=10.0,
-        forces_weight=1.0,
-        seed=3,
-    )
+    training = TrainingConfig(
+        epochs=60, learning_rate=2e-2, batch_size=16, energy_weight=10.0, forces_weight=1.0
+    ).settings()
+    committee, report = train_ensemble(train, valid, ModelSettings(**tiny_hyper), training, seed=3)
     return committee, report, train, valid, test
 
 

@@ -270,3 +270,111 @@ def model_lineage(session: Session, model_id: int) -> dict[str, Any]:
         "md_runs": list(md_runs),
         "decisions": list(decisions),
     }
+
+
+# --- the questions the campaign's steps ask -------------------------------------------------
+
+
+def campaigns_named(session: Session, name: str | None = None) -> list[Campaign]:
+    """Every campaign of the database (``name`` None), or those called ``name``, oldest first."""
+    query = select(Campaign).order_by(Campaign.id)
+    if name is not None:
+        query = query.where(Campaign.name == name)
+    return list(session.scalars(query).all())
+
+
+def newest_model(session: Session, campaign_id: int, before_index: int | None = None) -> Model | None:
+    """The campaign's newest model (made in an iteration before ``before_index``, if given), or None."""
+    query = select(Model).join(Iteration, Model.iteration_id == Iteration.id).where(Model.campaign_id == campaign_id)
+    if before_index is not None:
+        query = query.where(Iteration.index < before_index)
+    return session.scalar(query.order_by(Model.version.desc()).limit(1))
+
+
+def model_of_iteration(session: Session, iteration_id: int) -> Model | None:
+    """The model trained in an iteration, or None (not trained yet, or nothing was labelled)."""
+    return session.scalar(
+        select(Model).where(Model.iteration_id == iteration_id).order_by(Model.version.desc()).limit(1)
+    )
+
+
+def md_runs_of_iteration(session: Session, campaign_id: int, index: int) -> list[MDRun]:
+    """The MD runs of iteration ``index`` of a campaign, by walker."""
+    return list(
+        session.scalars(
+            select(MDRun)
+            .join(Iteration, MDRun.iteration_id == Iteration.id)
+            .where(MDRun.campaign_id == campaign_id, Iteration.index == index)
+            .order_by(MDRun.walker, MDRun.id)
+        ).all()
+    )
+
+
+def md_candidates(session: Session, campaign_id: int, iteration_id: int) -> list[tuple[Structure, int | None]]:
+    """The frames an iteration's MD sampled (members of origin ``md`` that joined the campaign in
+    it), as (structure, MD run id), in structure id order."""
+    rows = session.execute(
+        select(Structure, CampaignStructure.md_run_id)
+        .join(CampaignStructure, CampaignStructure.structure_id == Structure.id)
+        .where(
+            CampaignStructure.campaign_id == campaign_id,
+            CampaignStructure.iteration_id == iteration_id,
+            CampaignStructure.origin == "md",
+        )
+        .order_by(Structure.id)
+    ).all()
+    return [(row, md_run_id) for row, md_run_id in rows]
+
+
+def decisions_of_iteration(session: Session, iteration_id: int) -> list[SelectionDecision]:
+    """Every selection decision of an iteration, in the order they were recorded."""
+    return list(
+        session.scalars(
+            select(SelectionDecision)
+            .where(SelectionDecision.iteration_id == iteration_id)
+            .order_by(SelectionDecision.id)
+        ).all()
+    )
+
+
+def chosen_count(session: Session, iteration_id: int) -> int:
+    """How many structures an iteration chose for labelling."""
+    return session.scalar(
+        select(func.count()).where(SelectionDecision.iteration_id == iteration_id, SelectionDecision.chosen.is_(True))
+    )
+
+
+def structures_to_label(session: Session, iteration: Iteration) -> list[Structure]:
+    """Structures an iteration must have labels for (computed now or already), by id: the
+    bootstrap's training and test structures in iteration 0, the chosen MD frames after it."""
+    if iteration.index == 0:
+        query = (
+            select(Structure)
+            .join(CampaignStructure, CampaignStructure.structure_id == Structure.id)
+            .where(
+                CampaignStructure.campaign_id == iteration.campaign_id,
+                CampaignStructure.iteration_id == iteration.id,
+                CampaignStructure.origin.in_(("initial", "test")),
+            )
+        )
+    else:
+        query = (
+            select(Structure)
+            .join(SelectionDecision, SelectionDecision.structure_id == Structure.id)
+            .where(SelectionDecision.iteration_id == iteration.id, SelectionDecision.chosen.is_(True))
+        )
+    return list(session.scalars(query.order_by(Structure.id)).all())
+
+
+def usable_label_count(session: Session, campaign_id: int) -> int:
+    """Usable (``ok``) labels of the campaign: computed by it or, for structures it asked to
+    label, by another campaign sharing the database (see :func:`asked_to_label`)."""
+    return session.scalar(
+        select(func.count(Calculation.id))
+        .join(CampaignStructure, CampaignStructure.structure_id == Calculation.structure_id)
+        .where(
+            CampaignStructure.campaign_id == campaign_id,
+            asked_to_label(campaign_id),
+            Calculation.status == "ok",
+        )
+    )

@@ -7,7 +7,6 @@ in one transaction (all or nothing when a process dies).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -22,7 +21,11 @@ from ionflow.db.models import (
     Campaign,
     CampaignStructure,
     Iteration,
+    MDRun,
+    Model,
+    SelectionDecision,
     Structure,
+    TrainingMember,
     utcnow,
 )
 from ionflow.db.objects import ObjectStore
@@ -305,8 +308,43 @@ def labelled_set(
     return [(calc, labelled_atoms(store, struct, calc)) for calc, struct in rows]
 
 
-def is_validation(structure_hash_: str, fraction: float) -> bool:
-    """Stable train/valid split: a structure's side depends only on its hash, so it never
-    moves between sets as the data grows."""
-    bucket = int(hashlib.sha256(structure_hash_.encode()).hexdigest()[:8], 16) / 16**8
-    return bucket < fraction
+def record_md_run(session: Session, **columns: Any) -> MDRun:
+    """Add one walker's MD run (columns of :class:`MDRun`); flushed, so its id is known."""
+    run = MDRun(**columns)
+    session.add(run)
+    session.flush()
+    return run
+
+
+def record_decision(session: Session, **columns: Any) -> SelectionDecision:
+    """Add one selection decision (columns of :class:`SelectionDecision`: score, threshold,
+    chosen or not and why)."""
+    decision = SelectionDecision(**columns)
+    session.add(decision)
+    return decision
+
+
+def record_model(session: Session, splits: dict[int, str], **columns: Any) -> Model:
+    """Add a trained model (columns of :class:`Model`) and its training set: one
+    :class:`TrainingMember` per calculation id of ``splits``, whose value is ``train`` or ``valid``."""
+    model = Model(**columns)
+    session.add(model)
+    session.flush()
+    for calculation_id, split in splits.items():
+        session.add(TrainingMember(model_id=model.id, calculation_id=calculation_id, split=split))
+    return model
+
+
+def close_iteration(iteration: Iteration, metrics: dict[str, Any] | None = None) -> None:
+    """Mark an iteration done now, merging ``metrics`` into its metrics."""
+    if metrics is not None:
+        iteration.metrics = dict(iteration.metrics or {}, **metrics)
+    iteration.status = "done"
+    iteration.finished_at = utcnow()
+
+
+def set_campaign_status(session: Session, campaign_id: int, status: str) -> Campaign:
+    """Set a campaign's status (``running``, ``finished``, ``stopped``, ...); return it."""
+    campaign = session.get(Campaign, campaign_id)
+    campaign.status = status
+    return campaign

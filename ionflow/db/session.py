@@ -129,3 +129,10 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def has_schema(engine: Engine) -> bool:
+    """Whether the database already holds ionflow's tables (a campaign may have run in it)."""
+    from sqlalchemy import inspect
+
+    return "campaign" in inspect(engine).get_table_names()

@@ -12,12 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ionflow.dft_adapters.base import LabelResult, ReferenceAdapter, settings_hash
+from ionflow.dft_adapters.base import LabelResult, ReferenceAdapter, SettingError, settings_hash
 
 __all__ = [
     "ADAPTER_NAMES",
     "LabelResult",
     "ReferenceAdapter",
+    "SettingError",
     "get_adapter",
     "settings_hash",
     "settings_model",

@@ -19,6 +19,10 @@ Charge and multiplicity come from ``atoms.info`` and are passed with the calcula
 parameters (built in for CP2K; ``charge_parameter`` / ``multiplicity_parameter`` for others).
 A charged or open-shell structure is refused, before anything runs, when the adapter does
 not know how to tell the calculator.
+
+Longer than ionflow's other modules because its parts (the settings, the per-code knowledge of
+CP2K, process-group control, output scanning and retries) make one calculation's life cycle and
+are read together; the child's side is :mod:`ionflow.dft_adapters.ase_run`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ionflow.dft_adapters.base import (
     LabelResult,
+    SettingError,
     check_charge_states,
     check_run_dirs,
     child_environment,
@@ -131,6 +136,17 @@ CODES: dict[str, Code] = {
 }
 
 
+def _non_finite(value: Any) -> bool:
+    """Whether a float NaN or infinity is anywhere in nested lists and mappings."""
+    if isinstance(value, float):
+        return not np.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
 class ASESettings(BaseModel):
     """Which ASE calculator runs, with which parameters, and how its failures are recognised."""
 
@@ -176,6 +192,13 @@ class ASESettings(BaseModel):
         except (ImportError, ValueError, KeyError, AttributeError) as exc:
             raise ValueError(f"unknown ASE calculator {spec!r}: {exc}") from None
         return spec
+
+    @field_validator("parameters", "retries")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if _non_finite(value):
+            raise ValueError("NaN or infinity among the calculator parameters")
+        return value
 
     @field_validator("unconverged_patterns")
     @classmethod
@@ -249,11 +272,14 @@ class ASEAdapter:
                 f"the ase adapter does not know how to give calculator {self.settings.calculator!r} a charge or "
                 f"spin: {'; '.join(untold)}; set reference.settings.charge_parameter and multiplicity_parameter"
             )
+        setting = "command" if self.settings.command else "parameters.command"
         command = self.settings.command or self.settings.parameters.get("command")
         if command:
             program = shlex.split(command)[0]
             if shutil.which(program) is None:
-                raise ValueError(f"command {program!r} of calculator {self.settings.calculator!r} is not on PATH")
+                raise SettingError(
+                    setting, f"command {program!r} of calculator {self.settings.calculator!r} is not on PATH"
+                )
 
     # -- labelling ----------------------------------------------------------------------------
 

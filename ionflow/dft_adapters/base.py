@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import socket
@@ -17,10 +18,20 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 from ase import Atoms
 from ase.io import write
+from pydantic import BaseModel
 
 from ionflow.platform.structures import charge_of, charge_state_problem, multiplicity_of
 
 Status = Literal["ok", "failed", "unconverged", "timeout"]
+
+
+class SettingError(ValueError):
+    """A setting that cannot work for the structures at hand (a basis set without functions for
+    one of their elements); ``setting`` is its key in the adapter's settings (``basis``)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass
@@ -100,6 +111,16 @@ class InProcessAdapter(ABC):
     name: str
     settings_hash: str
     isolated = False
+    #: The adapter's settings (a pydantic model) and those of its fields that change how it runs,
+    #: never what it computes (threads, verbosity): they stay out of the settings hash.
+    settings_model: type[BaseModel]
+    runtime_only: frozenset[str] = frozenset()
+
+    def __init__(self, settings: BaseModel | dict[str, Any] | None = None) -> None:
+        if not isinstance(settings, self.settings_model):
+            settings = self.settings_model(**(settings or {}))
+        self.settings = settings
+        self.settings_hash = settings_hash(self.name, settings.model_dump(exclude=set(self.runtime_only)))
 
     def check(self, structures: list[Atoms]) -> None:
         check_charge_states(structures)
@@ -110,6 +131,9 @@ class InProcessAdapter(ABC):
         return [self._label_one(atoms, run_dir) for atoms, run_dir in zip(structures, dirs)]
 
     def _label_one(self, atoms: Atoms, run_dir: Path | None) -> LabelResult:
+        # Outside the try below: a _compute that cannot take these arguments (a stub with the
+        # wrong signature) is a programming error to raise, never a failed calculation.
+        inspect.signature(self._compute).bind(atoms, run_dir)
         start = time.perf_counter()
         if run_dir is not None:
             start_run_dir(run_dir, atoms)

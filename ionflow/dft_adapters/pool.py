@@ -42,6 +42,9 @@ from ionflow.dft_adapters.base import (
     make_result,
 )
 
+#: What a worker sends once it has imported the code, before its first job.
+READY = "ready"
+
 
 def default_threads(workers: int) -> int:
     """Threads per worker that fill this machine's cores without oversubscribing them."""
@@ -55,6 +58,7 @@ def _worker_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     name, settings = conn.recv()
     adapter = get_adapter(name, settings)
+    conn.send(READY)  # the code is imported: from now on a job's clock measures its calculation
     while True:
         job = conn.recv()
         if job is None:
@@ -72,6 +76,8 @@ class _Slot:
     conn: Connection
     job: tuple[int, Atoms, Path | None] | None = None
     started: float = 0.0
+    #: whether the worker has imported the code (sent READY) and takes jobs
+    ready: bool = False
 
 
 class _Workers:
@@ -107,25 +113,33 @@ class _Workers:
         slot.process.wait()
         slot.conn.close()
 
-    def hand_over(self, slot: _Slot, job: tuple[int, Atoms, Path | None]) -> None:
-        """Send ``job`` to an idle worker; one that died while idle is replaced first (its job
-        never started, so nothing failed)."""
-        for _ in range(2):
-            if slot.process.poll() is not None:
-                self.replace(slot)
-            try:
+    def hand_over(self, slot: _Slot, job: tuple[int, Atoms, Path | None]) -> bool:
+        """Send ``job`` to an idle, ready worker and start its clock. A worker that died while idle
+        is replaced instead (its job never started, so nothing failed): False, the job stays queued."""
+        try:
+            if slot.process.poll() is None:
                 slot.conn.send(job)
-            except OSError:
-                self.replace(slot)
-                continue
-            slot.job, slot.started = job, time.monotonic()
-            return
-        raise RuntimeError("labelling workers die as soon as they start; see their stderr above")
+                slot.job, slot.started = job, time.monotonic()
+                return True
+        except OSError:
+            pass
+        self.replace(slot)
+        return False
+
+    def mark_ready(self, slot: _Slot) -> None:
+        """Read a starting worker's READY message; a worker that dies before it is an error."""
+        try:
+            message = slot.conn.recv()
+        except (EOFError, OSError):
+            message = None
+        if message != READY:
+            raise RuntimeError("a labelling worker died as it started; see its stderr above")
+        slot.ready = True
 
     def replace(self, slot: _Slot) -> None:
         self.kill(slot)
         fresh = self._start()
-        slot.process, slot.conn, slot.job = fresh.process, fresh.conn, None
+        slot.process, slot.conn, slot.job, slot.ready = fresh.process, fresh.conn, None, False
 
     def close(self) -> None:
         for slot in self.slots:
@@ -222,15 +236,19 @@ def _processes(
     try:
         while True:
             for slot in pool.slots:
-                if slot.job is None and jobs:
-                    pool.hand_over(slot, jobs.popleft())
+                if slot.ready and slot.job is None and jobs and pool.hand_over(slot, jobs[0]):
+                    jobs.popleft()
             busy = [slot for slot in pool.slots if slot.job is not None]
-            if not busy:
+            starting = [slot for slot in pool.slots if not slot.ready] if jobs else []
+            if not busy and not starting:
                 return
             wait_s = None
-            if timeout_s is not None:
+            if timeout_s is not None and busy:
                 wait_s = max(0.0, min(slot.started + timeout_s for slot in busy) - time.monotonic())
-            ready = set(wait_any([s.conn for s in busy], timeout=wait_s))
+            ready = set(wait_any([s.conn for s in busy + starting], timeout=wait_s))
+            for slot in starting:
+                if slot.conn in ready:
+                    pool.mark_ready(slot)
             now = time.monotonic()
             for slot in busy:
                 if slot.conn in ready:

@@ -22,12 +22,14 @@ from ase import Atoms
 from ase.units import Bohr, Hartree
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pyscf import dft, gto, lib
+from pyscf.data.elements import ELEMENTS
+from pyscf.lib.exceptions import BasisNotFoundError
 
 from ionflow.dft_adapters.base import (
     InProcessAdapter,
     LabelResult,
+    SettingError,
     check_charge_states,
-    settings_hash,
 )
 from ionflow.platform.structures import charge_of, multiplicity_of
 
@@ -49,45 +51,63 @@ RETRY_GUESS = "atom"
 class PySCFSettings(BaseModel):
     """Level of theory and SCF controls of a PySCF calculation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     xc: str = Field("pbe", description="Exchange-correlation functional as libxc names it ('pbe', 'b3lyp').")
     basis: str = Field("def2-svp", description="Basis set name known to pyscf.gto.basis ('def2-svp').")
     density_fit: bool = Field(True, description="Density fitting (RI) of the Coulomb/exchange integrals.")
-    conv_tol: float = Field(1e-8, gt=0, description="SCF energy convergence threshold in Hartree.")
-    max_cycle: int = Field(100, ge=1, description="Maximum SCF iterations; a retry gets twice as many.")
+    conv_tol: float = Field(
+        1e-8,
+        ge=1e-14,
+        le=1e-3,
+        description="SCF energy convergence threshold in Hartree (1e-14, near double precision, to 1e-3).",
+    )
+    max_cycle: int = Field(100, ge=1, le=10_000, description="Maximum SCF iterations; a retry gets twice as many.")
     grid_level: int = Field(3, ge=0, le=9, description="PySCF DFT integration grid level (0 coarse, 9 fine).")
     charge_scheme: Literal["mulliken", "meta_lowdin"] = Field(
         "meta_lowdin", description="Atomic charge partitioning: Mulliken or meta-Löwdin populations."
     )
     num_threads: int | None = Field(
-        None, ge=1, description="OpenMP threads for this calculation; None leaves PySCF's setting as is."
+        None, ge=1, le=1024, description="OpenMP threads for this calculation; None leaves PySCF's setting as is."
     )
     verbose: int = Field(0, ge=0, le=9, description="PySCF log level (0 silent).")
 
     @field_validator("xc")
     @classmethod
     def _known_functional(cls, xc: str) -> str:
+        if not xc.strip(" ,"):
+            raise ValueError("no exchange-correlation functional given (PySCF would take it as none at all)")
         try:
             dft.libxc.parse_xc(xc)
-        except Exception as exc:  # libxc raises KeyError/ValueError depending on the typo
+        except (KeyError, ValueError, IndexError) as exc:  # PySCF's parser raises each, depending on the typo
             raise ValueError(f"unknown exchange-correlation functional {xc!r}: {exc}") from None
         return xc
+
+    @field_validator("basis")
+    @classmethod
+    def _known_basis(cls, basis: str) -> str:
+        # Which elements matter is known only with the structures (PySCFAdapter.check); a name
+        # PySCF has for no element at all is a typo whatever the system.
+        if not any(_has_basis(basis, symbol) for symbol in ELEMENTS[1:]):
+            raise ValueError(f"basis set {basis!r} is unknown to PySCF (for every element)")
+        return basis
+
+
+def _has_basis(basis: str, symbol: str) -> bool:
+    """Whether PySCF can build basis ``basis`` for element ``symbol``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PySCF suggests installing basis-set-exchange
+            return bool(gto.basis.load(basis, symbol))
+    except (BasisNotFoundError, KeyError):  # KeyError: an element absent from the basis file
+        return False
 
 
 def basis_problem(basis: str, symbols: set[str]) -> str | None:
     """Say which elements the basis set does not cover, or None when it covers them all."""
-    missing = []
-    for symbol in sorted(symbols):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PySCF suggests installing basis-set-exchange
-                if not gto.basis.load(basis, symbol):
-                    missing.append(symbol)
-        except Exception:  # BasisNotFoundError, or a KeyError for an element absent from the file
-            missing.append(symbol)
+    missing = [symbol for symbol in sorted(symbols) if not _has_basis(basis, symbol)]
     if missing:
-        return f"basis {basis!r} is unknown to PySCF or has no functions for {', '.join(missing)}"
+        return f"basis set {basis!r} has no functions for {', '.join(missing)} in PySCF"
     return None
 
 
@@ -95,19 +115,16 @@ class PySCFAdapter(InProcessAdapter):
     """Labels molecules with PySCF Kohn-Sham DFT (RKS for singlets, UKS otherwise)."""
 
     name = "pyscf"
-
-    def __init__(self, settings: PySCFSettings | dict[str, Any] | None = None) -> None:
-        if not isinstance(settings, PySCFSettings):
-            settings = PySCFSettings(**(settings or {}))
-        self.settings = settings
-        self.settings_hash = settings_hash(self.name, settings.model_dump(exclude=set(RUNTIME_ONLY)))
+    settings_model = PySCFSettings
+    runtime_only = RUNTIME_ONLY
 
     @property
     def code_version(self) -> str:
         return pyscf.__version__
 
     def check(self, structures: list[Atoms]) -> None:
-        """Refuse periodic structures and impossible charge states before computing anything."""
+        """Refuse periodic structures, impossible charge states and elements the basis set does
+        not cover (:class:`SettingError` naming ``basis``) before computing anything."""
         periodic = [i for i, atoms in enumerate(structures) if np.any(atoms.pbc)]
         if periodic:
             raise ValueError(
@@ -115,36 +132,41 @@ class PySCFAdapter(InProcessAdapter):
                 "use the tblite adapter, or CP2K through the ase adapter, for periodic systems"
             )
         check_charge_states(structures)
+        symbols = {symbol for atoms in structures for symbol in atoms.get_chemical_symbols()}
+        problem = basis_problem(self.settings.basis, symbols)
+        if problem:
+            raise SettingError("basis", problem)
 
     def label(self, structures: list[Atoms], run_dirs: Sequence[Path] | None = None) -> list[LabelResult]:
         """Energy, forces, dipole and atomic charges of each molecule.
 
         With ``run_dirs`` (one folder per structure) each calculation keeps its input
         structure, PySCF's log (``pyscf.log``) and a ``result.json`` there.
-        Raises ``ValueError`` before computing anything when a structure is periodic or its
-        charge/multiplicity is inconsistent; any other problem becomes that structure's status.
+        Raises ``ValueError`` before computing anything when a structure is periodic, its
+        charge/multiplicity is inconsistent or the basis set lacks one of its elements; any other
+        problem becomes that structure's status.
         """
         with lib.with_omp_threads(self.settings.num_threads):  # None: leave as is
             return super().label(structures, run_dirs)
 
     def _compute(self, atoms: Atoms, run_dir: Path | None = None) -> dict[str, Any]:
         s = self.settings
-        problem = basis_problem(s.basis, set(atoms.get_chemical_symbols()))
-        if problem:
-            return {"status": "failed", "error": problem}
-        multiplicity = multiplicity_of(atoms)
-        # Positions go in as Bohr with ASE's constant, so that every unit conversion here
-        # (in and out) uses ase.units and forces are the exact derivative in ASE's Å.
-        mol = gto.M(
-            atom=list(zip(atoms.get_chemical_symbols(), map(tuple, atoms.positions / Bohr))),
-            unit="Bohr",
-            basis=s.basis,
-            charge=charge_of(atoms),
-            spin=multiplicity - 1,
-            verbose=max(s.verbose, 4) if run_dir is not None else s.verbose,
-            output=str(run_dir / "pyscf.log") if run_dir is not None else None,
-        )
+        mol = gto.Mole()
+        if run_dir is not None:
+            # The log is opened here rather than through ``output=``, with which Mole.build
+            # prints "output file: ..." to the console, between the campaign's progress bars.
+            mol.stdout = open(run_dir / "pyscf.log", "w", encoding="utf-8")  # noqa: SIM115  closed below
         try:
+            # Positions go in as Bohr with ASE's constant, so that every unit conversion here
+            # (in and out) uses ase.units and forces are the exact derivative in ASE's Å.
+            mol.build(
+                atom=list(zip(atoms.get_chemical_symbols(), map(tuple, atoms.positions / Bohr))),
+                unit="Bohr",
+                basis=s.basis,
+                charge=charge_of(atoms),
+                spin=multiplicity_of(atoms) - 1,
+                verbose=max(s.verbose, 4) if run_dir is not None else s.verbose,
+            )
             return self._scf(mol, atoms)
         finally:
             if run_dir is not None:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tblite import library
 from tblite.interface import Calculator
 
-from ionflow.dft_adapters.base import InProcessAdapter, settings_hash
+from ionflow.dft_adapters.base import InProcessAdapter
 from ionflow.platform.structures import charge_of, multiplicity_of
 
 #: Settings that change how a calculation runs, not what it computes: left out of the hash.
@@ -37,25 +37,24 @@ VOIGT = [0, 4, 8, 5, 2, 1]
 class TBLiteSettings(BaseModel):
     """Hamiltonian and SCC controls of a tblite calculation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    method: Literal["GFN2-xTB", "GFN1-xTB"] = Field("GFN2-xTB", description="xTB Hamiltonian.")
-    accuracy: float = Field(1.0, gt=0, description="tblite accuracy factor; smaller is tighter.")
-    max_iterations: int = Field(250, ge=1, description="Maximum self-consistent charge iterations.")
-    electronic_temperature: float = Field(300.0, ge=0, description="Fermi smearing temperature in K.")
-    verbosity: int = Field(0, ge=0, description="tblite printout level (0 silent).")
+    # The parametrisations tblite.interface.Calculator builds (its ASE calculator passes the name on).
+    method: Literal["GFN2-xTB", "GFN1-xTB", "IPEA1-xTB"] = Field("GFN2-xTB", description="xTB Hamiltonian.")
+    accuracy: float = Field(
+        1.0, ge=1e-4, le=1e3, description="tblite accuracy factor, 1e-4 to 1e3 as in xtb; smaller is tighter."
+    )
+    max_iterations: int = Field(250, ge=1, le=10_000, description="Maximum self-consistent charge iterations.")
+    electronic_temperature: float = Field(300.0, ge=0, le=10_000.0, description="Fermi smearing temperature in K.")
+    verbosity: int = Field(0, ge=0, le=9, description="tblite printout level (0 silent).")
 
 
 class TBLiteAdapter(InProcessAdapter):
     """Labels molecules and periodic cells with tblite's GFN-xTB."""
 
     name = "tblite"
-
-    def __init__(self, settings: TBLiteSettings | dict[str, Any] | None = None) -> None:
-        if not isinstance(settings, TBLiteSettings):
-            settings = TBLiteSettings(**(settings or {}))
-        self.settings = settings
-        self.settings_hash = settings_hash(self.name, settings.model_dump(exclude=set(RUNTIME_ONLY)))
+    settings_model = TBLiteSettings
+    runtime_only = RUNTIME_ONLY
 
     @property
     def code_version(self) -> str:

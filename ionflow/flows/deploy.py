@@ -22,13 +22,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 
 from ionflow.config import load_config
-from ionflow.flows.tasks import LABEL_TAG
+from ionflow.flows.label import LABEL_TAG
 
 #: The folder that holds the ``ionflow`` package: the deployments' source.
 SOURCE = Path(__file__).resolve().parents[2]
@@ -80,8 +81,6 @@ def deploy_campaign(
 ) -> Deployed:
     """Register the campaign's deployments (see the module docstring); the campaign file is
     validated first. Requires a Prefect server (``PREFECT_API_URL``)."""
-    from ionflow.flows.campaign import campaign_flow, gpu_step_flow
-
     path = Path(config_path).resolve()
     cfg = load_config(path)
     pools = [work_pool] + ([gpu_pool] if gpu_pool else [])
@@ -90,33 +89,37 @@ def deploy_campaign(
             ensure_work_pool(pool)
     if label_concurrency is not None:
         set_label_concurrency(label_concurrency)
-    tags = ["ionflow", cfg.name]
     gpu_id = None
     gpu_name = None
     if gpu_pool:
-        gpu_id = gpu_step_flow.from_source(
-            source=str(SOURCE), entrypoint="ionflow/flows/campaign.py:gpu_step_flow"
-        ).deploy(
-            name=cfg.name,
-            work_pool_name=gpu_pool,
-            tags=tags,
-            build=False,
-            push=False,
-            print_next_steps=False,
-            description=f"MD and training steps of ionflow campaign {cfg.name} ({path})",
+        gpu_id = _deploy(
+            "gpu_step_flow", cfg.name, gpu_pool, f"MD and training steps of ionflow campaign {cfg.name} ({path})"
         )
         gpu_name = f"ionflow-gpu-step/{cfg.name}"
-    deployment_id = campaign_flow.from_source(
-        source=str(SOURCE), entrypoint="ionflow/flows/campaign.py:campaign_flow"
-    ).deploy(
-        name=cfg.name,
-        work_pool_name=work_pool,
+    deployment_id = _deploy(
+        "campaign_flow",
+        cfg.name,
+        work_pool,
+        f"ionflow campaign {cfg.name} ({path})",
         parameters={"config_path": str(path), "gpu_deployment": gpu_name},
         cron=cron,
-        tags=tags,
+    )
+    return Deployed(cfg.name, deployment_id, gpu_id, work_pool, gpu_pool, cron, label_concurrency)
+
+
+def _deploy(flow_name: str, name: str, work_pool: str, description: str, **options: Any) -> uuid.UUID:
+    """Deploy the flow ``flow_name`` of :mod:`ionflow.flows.campaign` from this installation's
+    source (no image built, nothing pushed), as ``name`` on ``work_pool``, tagged with the campaign."""
+    from ionflow.flows import campaign
+
+    flow = getattr(campaign, flow_name)
+    return flow.from_source(source=str(SOURCE), entrypoint=f"ionflow/flows/campaign.py:{flow_name}").deploy(
+        name=name,
+        work_pool_name=work_pool,
+        tags=["ionflow", name],
         build=False,
         push=False,
         print_next_steps=False,
-        description=f"ionflow campaign {cfg.name} ({path})",
+        description=description,
+        **options,
     )
-    return Deployed(cfg.name, deployment_id, gpu_id, work_pool, gpu_pool, cron, label_concurrency)

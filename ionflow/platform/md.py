@@ -1,9 +1,9 @@
-"""Exploration: Langevin MD walkers driven by the committee mean, stopped where it is unsure.
+"""Exploration: Langevin MD walkers driven by the ensemble mean, stopped where it is unsure.
 
 All walkers of an iteration move together: they are concatenated into one ASE
 ``Atoms`` integrated by ASE's ``Langevin`` (a per-atom thermostat, so walkers stay
 independent), and a calculator splits that system back into one graph per walker
-so the committee evaluates every walker in a single batched call per step.
+so the ensemble evaluates every walker in a single batched call per step.
 A walker whose largest per-atom force spread passes ``stop_uncertainty``, or
 whose atoms come unphysically close, is frozen (``FixAtoms``) and sampled no more.
 """
@@ -21,7 +21,7 @@ from ase.constraints import FixAtoms
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-from ionflow.platform.model.committee import Ensemble
+from ionflow.platform.model.ensemble import Ensemble
 from ionflow.platform.model.graph import build_batch
 from ionflow.platform.structures import REF_PREFIX, closest_contact
 
@@ -48,9 +48,9 @@ class _WalkersCalculator(Calculator):
 
     implemented_properties = ["energy", "forces"]
 
-    def __init__(self, committee: Ensemble, templates: Sequence[Atoms]) -> None:
+    def __init__(self, ensemble: Ensemble, templates: Sequence[Atoms]) -> None:
         super().__init__()
-        self.committee = committee
+        self.ensemble = ensemble
         self.templates = list(templates)
         self.offsets = np.cumsum([0] + [len(t) for t in templates])
 
@@ -67,12 +67,12 @@ class _WalkersCalculator(Calculator):
         frames = self.split(self.atoms.positions)
         batch = build_batch(
             frames,
-            self.committee.z_table,
-            self.committee.r_max,
-            dtype=self.committee.spec.dtype,
-            device=self.committee.device,
+            self.ensemble.z_table,
+            self.ensemble.r_max,
+            dtype=self.ensemble.spec.dtype,
+            device=self.ensemble.device,
         )
-        pred = {k: v.cpu() for k, v in self.committee.predict(batch).items()}
+        pred = {k: v.cpu() for k, v in self.ensemble.predict(batch).items()}
         self.results = {
             "energy": float(pred["energy"].sum()),
             "forces": pred["forces"].numpy().astype(float),
@@ -82,7 +82,7 @@ class _WalkersCalculator(Calculator):
 
 
 def run_walkers(
-    committee: Ensemble,
+    ensemble: Ensemble,
     starts: Sequence[Atoms],
     steps: int,
     timestep_fs: float,
@@ -106,7 +106,7 @@ def run_walkers(
     system = templates[0].copy()
     for t in templates[1:]:
         system += t
-    calc = _WalkersCalculator(committee, templates)
+    calc = _WalkersCalculator(ensemble, templates)
     system.calc = calc
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(system, temperature_K=temperature_K, rng=rng)

@@ -17,15 +17,10 @@ from tblite.interface import Calculator
 
 from ionflow.dft_adapters import get_adapter
 from ionflow.dft_adapters.ase_adapter import ASEAdapter, _merge_cp2k_input
+from tests.structures import hydronium
 
 FAULTY = f"{Path(__file__).with_name('faulty.py')}:FaultyXTB"
 CHARGE_STATE = {"charge_parameter": "charge", "multiplicity_parameter": "multiplicity"}
-
-
-def hydronium() -> Atoms:
-    atoms = Atoms("OH3", positions=[[0.0, 0.0, 0.12], [0.0, 0.94, -0.16], [0.81, -0.47, -0.16], [-0.83, -0.46, -0.15]])
-    atoms.info.update(charge=1, multiplicity=1)
-    return atoms
 
 
 def faulty(fault: str | None = None, timeout_s: float = 60, **settings) -> ASEAdapter:

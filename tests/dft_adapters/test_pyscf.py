@@ -10,33 +10,12 @@ from ase.units import Bohr, Hartree
 from pydantic import ValidationError
 from pyscf import dft, gto, lib
 
-from ionflow.dft_adapters import ADAPTER_NAMES, ReferenceAdapter, get_adapter, settings_model
+from ionflow.dft_adapters import ADAPTER_NAMES, ReferenceAdapter, SettingError, get_adapter, settings_model
 from ionflow.dft_adapters.pyscf_adapter import PySCFAdapter, PySCFSettings
+from tests.structures import hydronium, hydroxyl, water
 
 # One OpenMP thread: on a busy 2-core machine, spinning OpenMP threads slow tiny jobs tenfold.
 FAST = {"basis": "6-31g", "conv_tol": 1e-10, "num_threads": 1}
-
-
-def hydronium() -> Atoms:
-    """H3O+ (charge +1, singlet), slightly distorted so that no force vanishes by symmetry."""
-    atoms = Atoms(
-        "OH3",
-        positions=[[0.0, 0.0, 0.12], [0.0, 0.94, -0.16], [0.81, -0.47, -0.16], [-0.83, -0.46, -0.15]],
-    )
-    atoms.info.update(charge=1, multiplicity=1)
-    return atoms
-
-
-def water(multiplicity: int = 1) -> Atoms:
-    atoms = molecule("H2O")
-    atoms.info.update(charge=0, multiplicity=multiplicity)
-    return atoms
-
-
-def hydroxyl(charge: int, multiplicity: int) -> Atoms:
-    atoms = Atoms("OH", positions=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.98]])
-    atoms.info.update(charge=charge, multiplicity=multiplicity)
-    return atoms
 
 
 def direct(atoms: Atoms, xc: str, basis: str, conv_tol: float) -> tuple[float, np.ndarray]:
@@ -120,19 +99,40 @@ def test_doublet_runs_unrestricted():
 @pytest.mark.parametrize(
     "bad", [water(multiplicity=2), hydroxyl(charge=0, multiplicity=1)], ids=["H2O-doublet", "OH-singlet"]
 )
-def test_inconsistent_charge_state_raises_before_computing(bad, monkeypatch):
+def test_inconsistent_charge_state_raises_before_computing(bad, record_compute):
     adapter = PySCFAdapter(FAST)
-    monkeypatch.setattr(adapter, "_compute", lambda atoms: pytest.fail("computed despite bad input"))
+    calls = record_compute(adapter)
     with pytest.raises(ValueError, match="structure 1"):
         adapter.label([hydronium(), bad])
+    assert calls == [], "computed despite bad input"
+    assert adapter.label([hydronium()])[0].status == "failed" and len(calls) == 1, "the stub stands in"
 
 
-def test_periodic_structure_is_refused(monkeypatch):
+def test_periodic_structure_is_refused(record_compute):
     crystal = molecule("H2O", vacuum=3.0, pbc=True)
     adapter = PySCFAdapter(FAST)
-    monkeypatch.setattr(adapter, "_compute", lambda atoms: pytest.fail("computed a periodic cell"))
+    calls = record_compute(adapter)
     with pytest.raises(ValueError, match="molecules only"):
         adapter.label([hydronium(), crystal])
+    assert calls == [], "computed a periodic cell"
+
+
+def test_element_missing_from_the_basis_is_refused_before_computing(record_compute):
+    gold = Atoms("Au", positions=[[0, 0, 0]], info={"multiplicity": 2})  # 6-31g has no Au
+    adapter = PySCFAdapter(FAST)
+    calls = record_compute(adapter)
+    with pytest.raises(SettingError, match="'6-31g' has no functions for Au") as info:
+        adapter.label([hydronium(), gold])
+    assert info.value.setting == "basis"
+    assert calls == []
+    PySCFAdapter({**FAST, "basis": "def2-svp"}).check([gold])  # def2-svp has Au
+
+
+def test_a_wrong_signature_stub_is_not_taken_for_a_failed_calculation(monkeypatch):
+    adapter = PySCFAdapter(FAST)
+    monkeypatch.setattr(adapter, "_compute", lambda atoms: {"status": "ok"})
+    with pytest.raises(TypeError):
+        adapter.label([hydronium()])
 
 
 def test_unconverged_scf_is_a_status_not_an_exception():
@@ -153,10 +153,19 @@ def test_retry_rescues_a_slow_scf_without_changing_the_answer():
 
 
 def test_one_failure_does_not_stop_the_batch():
-    gold = Atoms("Au", positions=[[0, 0, 0]], info={"multiplicity": 2})  # 6-31g has no Au
-    failed, ok = PySCFAdapter(FAST).label([gold, hydroxyl(charge=-1, multiplicity=1)])
-    assert failed.status == "failed" and "Au" in failed.error and failed.energy is None
+    collapsed = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0]], info={"charge": 0, "multiplicity": 1})
+    failed, ok = PySCFAdapter(FAST).label([collapsed, hydroxyl(charge=-1, multiplicity=1)])
+    assert failed.status == "failed" and "singular" in failed.error and failed.energy is None
     assert ok.ok and ok.charges.sum() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_the_log_goes_to_the_run_folder_not_the_console(tmp_path, capfd):
+    result = PySCFAdapter({**FAST, "basis": "sto-3g"}).label([hydronium()], [tmp_path / "run"])[0]
+    out, err = capfd.readouterr()
+    assert result.ok
+    assert "output file" not in out + err, out  # Mole.build(output=...) prints it
+    log = (tmp_path / "run" / "pyscf.log").read_text()
+    assert "converged SCF energy" in log  # the log is kept, at verbose 4
 
 
 def test_settings_hash_is_stable_and_tracks_the_level_of_theory():
@@ -170,8 +179,21 @@ def test_settings_hash_is_stable_and_tracks_the_level_of_theory():
 def test_settings_reject_unknown_keys_and_functionals():
     with pytest.raises(ValidationError, match="basis_set"):
         PySCFSettings(basis_set="sto-3g")
-    with pytest.raises(ValidationError, match="not-a-functional"):
-        PySCFSettings(xc="not-a-functional")
+    for typo in ("not-a-functional", "pbe,,", "*", "", " , "):
+        with pytest.raises(ValidationError, match="xc"):
+            PySCFSettings(xc=typo)
+    with pytest.raises(ValidationError, match="'def2-svq' is unknown to PySCF"):
+        PySCFSettings(basis="def2-svq")
+    assert PySCFSettings(xc="b3lyp", basis="cc-pvdz").basis == "cc-pvdz"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("conv_tol", float("nan")), ("conv_tol", 1e300), ("conv_tol", 0.0), ("max_cycle", 10**9), ("grid_level", 10)],
+)
+def test_settings_reject_numbers_out_of_range(key, value):
+    with pytest.raises(ValidationError, match=key):
+        PySCFSettings(**{key: value})
 
 
 def test_registry():

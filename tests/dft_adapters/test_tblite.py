@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 from ase import Atoms
@@ -11,24 +13,9 @@ from tblite.interface import Calculator
 
 from ionflow.dft_adapters import get_adapter, settings_model
 from ionflow.dft_adapters.tblite_adapter import TBLiteAdapter, TBLiteSettings
+from tests.structures import hydronium, hydroxyl
 
 TIGHT = {"accuracy": 0.01}  # tighter SCC, so that finite differences resolve 1e-4 eV/Å
-
-
-def hydronium() -> Atoms:
-    """H3O+ (charge +1, singlet), slightly distorted so that no force vanishes by symmetry."""
-    atoms = Atoms(
-        "OH3",
-        positions=[[0.0, 0.0, 0.12], [0.0, 0.94, -0.16], [0.81, -0.47, -0.16], [-0.83, -0.46, -0.15]],
-    )
-    atoms.info.update(charge=1, multiplicity=1)
-    return atoms
-
-
-def hydroxyl(charge: int, multiplicity: int) -> Atoms:
-    atoms = Atoms("OH", positions=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.98]])
-    atoms.info.update(charge=charge, multiplicity=multiplicity)
-    return atoms
 
 
 def ice_like_cell() -> Atoms:
@@ -123,17 +110,26 @@ def test_stress_is_strain_derivative_with_ase_sign():
     np.testing.assert_allclose(result.stress, reference.get_stress(), atol=1e-8)
 
 
-def test_inconsistent_charge_state_raises_before_computing(monkeypatch):
+def test_inconsistent_charge_state_raises_before_computing(record_compute):
     adapter = TBLiteAdapter()
-    monkeypatch.setattr(adapter, "_compute", lambda atoms: pytest.fail("computed despite bad input"))
+    calls = record_compute(adapter)
     with pytest.raises(ValueError, match="structure 1"):
         adapter.label([hydronium(), hydroxyl(charge=0, multiplicity=1)])
+    assert calls == [], "computed despite bad input"
+    assert adapter.label([hydronium()])[0].status == "failed" and len(calls) == 1, "the stub stands in"
 
 
 def test_unconverged_scc_is_a_status_not_an_exception():
     result = TBLiteAdapter({"max_iterations": 2}).label([hydronium()])[0]
     assert result.status == "unconverged" and "not converged" in result.error
     assert result.energy is None and result.forces is None
+
+
+def test_every_method_the_settings_allow_runs():
+    methods = get_args(TBLiteSettings.model_fields["method"].annotation)
+    assert set(methods) == {"GFN2-xTB", "GFN1-xTB", "IPEA1-xTB"}
+    for method in methods:
+        assert TBLiteAdapter({"method": method}).label([hydronium()])[0].ok, method
 
 
 def test_settings_hash_is_stable_and_tracks_the_method():
@@ -147,5 +143,8 @@ def test_settings_reject_unknown_keys():
         TBLiteSettings(temperature=300.0)
     with pytest.raises(ValidationError):
         TBLiteSettings(method="GFN0-xTB")
+    for key, value in [("accuracy", float("nan")), ("accuracy", 1e300), ("electronic_temperature", -1.0)]:
+        with pytest.raises(ValidationError, match=key):
+            TBLiteSettings(**{key: value})
     assert settings_model("tblite") is TBLiteSettings
     assert isinstance(get_adapter("tblite"), TBLiteAdapter)

@@ -14,18 +14,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ionflow-prefect-"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-ZUNDEL = {
-    "symbols": ["O", "O", "H", "H", "H", "H", "H"],
-    "positions": [
-        [0.0, 0.0746, 1.2269],
-        [0.0, -0.0746, -1.2269],
-        [0.0, 0.0, 0.0],
-        [0.7888, 0.5146, 1.5803],
-        [-0.7888, 0.5146, 1.5803],
-        [0.7888, -0.5146, -1.5803],
-        [-0.7888, -0.5146, -1.5803],
-    ],
-}
+from tests.structures import ZUNDEL  # noqa: E402  (after the Prefect settings)
 
 
 def tiny_campaign(tmp_path: Path, **changes) -> dict:

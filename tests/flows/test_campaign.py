@@ -26,7 +26,7 @@ from .conftest import tiny_campaign, write_campaign
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, prefect_server):
     from ionflow.flows.campaign import campaign_flow
-    from ionflow.flows.tasks import context
+    from ionflow.flows.context import context
 
     tmp = tmp_path_factory.mktemp("e2e")
     path = write_campaign(tmp, tiny_campaign(tmp))
@@ -147,7 +147,7 @@ def test_status_prints_the_iterations_from_the_database(finished):
 
 def test_campaign_with_a_shallow_ensemble(tmp_path, prefect_server):
     from ionflow.flows.campaign import campaign_flow
-    from ionflow.flows.tasks import context
+    from ionflow.flows.context import context
     from ionflow.platform.model import ShallowEnsemble, load_model
 
     config = tiny_campaign(tmp_path, iterations=1, model={"uncertainty": "shallow", "ensemble_size": 4})

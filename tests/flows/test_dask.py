@@ -17,7 +17,7 @@ def test_campaign_labels_on_a_dask_local_cluster(tmp_path, prefect_server):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from ionflow.flows.campaign import campaign_flow
-    from ionflow.flows.tasks import context
+    from ionflow.flows.context import context
 
     config = tiny_campaign(tmp_path, iterations=1, execution={"task_runner": "dask", "dask_workers": 2})
     path = write_campaign(tmp_path, config)

@@ -43,7 +43,7 @@ def runs_of_the_code(counter: Path) -> int:
 
 def test_failures_are_recorded_the_cap_stops_the_campaign_and_it_resumes(tmp_path, prefect_server):
     from ionflow.flows.campaign import campaign_flow
-    from ionflow.flows.tasks import context
+    from ionflow.flows.context import context
 
     counter = tmp_path / "count"
     config = tiny_campaign(tmp_path, iterations=1, reference=reference(counter, cap=0.2))

@@ -33,7 +33,7 @@ N_TRAIN, N_TEST = 6, 3
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, prefect_server):
     from ionflow.flows.campaign import campaign_flow
-    from ionflow.flows.tasks import context
+    from ionflow.flows.context import context
 
     tmp = tmp_path_factory.mktemp("shared")
     url = sqlite_url(tmp / "shared.db")

@@ -67,7 +67,7 @@ def test_train_writes_a_model_that_loads_as_a_calculator(tmp_path, labelled_fram
         "--ensemble-size",
         "2",
         "--valid-fraction",
-        "0.25",
+        "0.15",  # the split follows each structure's hash: 2 of these 8 frames fall below 0.15
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

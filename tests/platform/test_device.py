@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ionflow.platform.model.committee import pick_device
+from ionflow.platform.device import pick_device
 
 
 def test_default_is_a_gpu_when_there_is_one(monkeypatch):

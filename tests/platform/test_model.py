@@ -13,7 +13,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 
-from ionflow.platform.model import Committee, CommitteeCalculator, build_batch, load_model, save_model
+from ionflow.platform.model import Committee, EnsembleCalculator, build_batch, load_model, save_model
 from ionflow.platform.model.files import FORMAT, FORMAT_VERSION
 from ionflow.platform.structures import rattled, with_charge_state
 
@@ -72,7 +72,7 @@ def test_forces_are_minus_energy_gradient(untrained_committee, h3o, periodic):
 def test_stress_is_strain_derivative(untrained_committee):
     """ASE's sign: stress = (1/V) dE/dε for a symmetric strain ε applied to cell and positions."""
     atoms = water_box()
-    atoms.calc = CommitteeCalculator(untrained_committee)
+    atoms.calc = EnsembleCalculator(untrained_committee)
     stress = atoms.get_stress(voigt=False)
     volume = atoms.get_volume()
 
@@ -81,7 +81,7 @@ def test_stress_is_strain_derivative(untrained_committee):
         deform = np.eye(3) + eps
         strained.set_cell(atoms.cell.array @ deform, scale_atoms=False)
         strained.positions = atoms.positions @ deform
-        strained.calc = CommitteeCalculator(untrained_committee)
+        strained.calc = EnsembleCalculator(untrained_committee)
         return strained.get_potential_energy()
 
     h = 1e-5
@@ -101,7 +101,7 @@ def test_stress_is_strain_derivative(untrained_committee):
 
 
 def test_no_stress_for_a_cluster(untrained_committee, h3o):
-    h3o.calc = CommitteeCalculator(untrained_committee)
+    h3o.calc = EnsembleCalculator(untrained_committee)
     with pytest.raises(PropertyNotImplementedError):
         h3o.get_stress()
 
@@ -262,7 +262,7 @@ def test_load_model_refuses_other_files(tmp_path):
 
 
 def test_calculator_results_and_shapes(untrained_committee, h3o):
-    h3o.calc = CommitteeCalculator(untrained_committee)
+    h3o.calc = EnsembleCalculator(untrained_committee)
     energy = h3o.get_potential_energy()
     forces = h3o.get_forces()
     e_unc = h3o.calc.get_property("energy_uncertainty")

@@ -19,7 +19,7 @@ MODES = ["none", "latent", "equilibrated", "polarisable"]
 KINDS = ["committee", "shallow"]
 
 
-def committee(
+def ensemble(
     mode: str, dtype: str = "float64", z_table=(1, 8, 11, 17), r_max=4.0, uncertainty: str = "committee"
 ) -> Ensemble:
     """Two members, or three heads (two contrasts) of a shallow ensemble."""
@@ -63,7 +63,7 @@ def energy_and_forces(c: Ensemble, frames, stress=False):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_charges_and_spins_add_up_exactly(mode, dtype, kind):
-    c = committee(mode, dtype, uncertainty=kind)
+    c = ensemble(mode, dtype, uncertainty=kind)
     frames = [hydroxide(-1, 1), water_cation(), hydroxide(0, 2)]
     out = energy_and_forces(c, frames)
     batch = build_batch(frames, c.z_table, c.r_max)["batch"]
@@ -78,7 +78,7 @@ def test_charges_and_spins_add_up_exactly(mode, dtype, kind):
 @pytest.mark.parametrize("mode", MODES)
 def test_forces_are_minus_the_finite_difference_gradient(mode, kind):
     # for the shallow ensemble: every head's forces, built from the batched contrast gradients
-    c = committee(mode, uncertainty=kind)
+    c = ensemble(mode, uncertainty=kind)
     atoms = water_cation()
     forces = energy_and_forces(c, [atoms])["forces"].detach().numpy()
     assert np.abs(forces[1:] - forces[:1]).max() > 1e-3, "members/heads agree: the check would prove little"
@@ -96,7 +96,7 @@ def test_forces_are_minus_the_finite_difference_gradient(mode, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_energy_invariant_under_rotation_translation_permutation(mode, kind):
-    c = committee(mode, uncertainty=kind)
+    c = ensemble(mode, uncertainty=kind)
     atoms = water_cation()
     e0 = energy_and_forces(c, [atoms])["energy"].detach()
     q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
@@ -110,7 +110,7 @@ def test_energy_invariant_under_rotation_translation_permutation(mode, kind):
 @pytest.mark.parametrize("mode", MODES)
 def test_ions_far_beyond_the_cutoff_interact_as_charges(mode):
     # Na and Cl 12 and 24 Å apart, far beyond the 4 Å cutoff: only the Coulomb term can tell.
-    c = committee(mode)
+    c = ensemble(mode)
     frames = []
     for r in (12.0, 24.0):
         atoms = Atoms("NaCl", positions=[[0, 0, 0], [r, 0, 0]])
@@ -136,7 +136,7 @@ def test_ions_far_beyond_the_cutoff_interact_as_charges(mode):
 @pytest.mark.parametrize("mode", ["equilibrated", "polarisable"])
 def test_periodic_stress_is_the_strain_derivative(mode, kind):
     # a shallow ensemble's stress is that of the heads' mean energy
-    c = committee(mode, r_max=3.5, uncertainty=kind)
+    c = ensemble(mode, r_max=3.5, uncertainty=kind)
     rng = np.random.default_rng(2)
     atoms = Atoms("NaClNaCl", positions=rng.random((4, 3)) * 4.5, cell=np.diag([5.0, 5.5, 6.0]) + 0.3, pbc=True)
     atoms.info.update(charge=0, multiplicity=1)
@@ -157,7 +157,7 @@ def test_periodic_stress_is_the_strain_derivative(mode, kind):
 
 
 def test_uniform_field_adds_minus_dipole_dot_field():
-    c = committee("equilibrated")
+    c = ensemble("equilibrated")
     atoms = water_cation()
     batch = build_batch([atoms], c.z_table, c.r_max)
     plain = c.forward(batch)

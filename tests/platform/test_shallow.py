@@ -3,50 +3,45 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from ionflow.config import ModelConfig
+from ionflow.config import ModelConfig, TrainingConfig
+from ionflow.platform.dataset import label_batches
+from ionflow.platform.evaluation import calibrate, evaluate
+from ionflow.platform.loss import LossWeights, backward, batch_loss, head_parameters
 from ionflow.platform.model import ShallowEnsemble, build_batch, build_ensemble, load_calculator, load_model, save_model
-from ionflow.platform.model.committee import ModelSpec
-from ionflow.platform.training import (
-    LossWeights,
-    _batches,
-    _head_parameters,
-    _loss,
-    _step,
-    calibrate,
-    evaluate,
-    new_spec,
-    train_committee,
-)
+from ionflow.platform.model.ensemble import ModelSpec
+from ionflow.platform.settings import ModelSettings
+from ionflow.platform.training import new_spec, train_ensemble
 
 FAST = dict(learning_rate=2e-2, batch_size=16, energy_weight=10.0, forces_weight=1.0)
 
 
-def shallow_hyper(k: int = 4, electrostatics: str = "equilibrated") -> dict:
+def shallow_model(k: int = 4, electrostatics: str = "equilibrated", uncertainty: str = "shallow") -> ModelSettings:
     return ModelConfig(
-        uncertainty="shallow",
+        uncertainty=uncertainty,
         ensemble_size=k,
         hidden_irreps="8x0e+8x1o",
         mlp_irreps="8x0e",
         num_interactions=2,
         electrostatics=electrostatics,
-    ).model_dump()
+    ).settings()
 
 
 @pytest.fixture(scope="module")
 def shallow_trained(h3o_labelled):
     """Shallow ensemble (4 heads) trained 60 epochs on 10 H3O+ frames; 2 for validation, 4 held out."""
     train, valid, test = h3o_labelled[:10], h3o_labelled[10:12], h3o_labelled[12:]
-    model, report = train_committee(train, valid, shallow_hyper(), epochs=60, seed=3, **FAST)
+    model, report = train_ensemble(train, valid, shallow_model(), TrainingConfig(epochs=60, **FAST).settings(), seed=3)
     return model, report, train, valid, test
 
 
 def test_one_backbone_with_k_heads(h3o_labelled):
-    model = build_ensemble(new_spec(h3o_labelled, shallow_hyper(k=5), seed=1))
+    model = build_ensemble(new_spec(h3o_labelled, shallow_model(k=5), seed=1))
     assert isinstance(model, ShallowEnsemble)
     assert model.member.heads == 5 and model.size == 5
     out = model(build_batch(h3o_labelled[:3], model.z_table, model.r_max))
@@ -58,15 +53,13 @@ def test_one_backbone_with_k_heads(h3o_labelled):
     assert out["energy"].std(0).min() > 0, "the heads start apart"
     committee_params = sum(
         p.numel()
-        for p in build_ensemble(
-            new_spec(h3o_labelled, {**shallow_hyper(5), "uncertainty": "committee"}, 1)
-        ).parameters()
+        for p in build_ensemble(new_spec(h3o_labelled, shallow_model(5, uncertainty="committee"), 1)).parameters()
     )
     assert sum(p.numel() for p in model.parameters()) < 0.25 * committee_params
 
 
 def test_spreads_follow_their_definitions_and_the_calibration(h3o_labelled):
-    model = build_ensemble(new_spec(h3o_labelled, shallow_hyper(k=4), seed=2)).eval()
+    model = build_ensemble(new_spec(h3o_labelled, shallow_model(k=4), seed=2)).eval()
     batch = build_batch(h3o_labelled[:2], model.z_table, model.r_max)
     out = model(batch)
     e, f = out["energy"].detach(), out["forces"].detach()
@@ -82,19 +75,19 @@ def test_spreads_follow_their_definitions_and_the_calibration(h3o_labelled):
 
 
 def test_nll_reaches_only_the_heads(h3o_labelled):
-    spec = new_spec(h3o_labelled, shallow_hyper(k=3), seed=4)
+    spec = new_spec(h3o_labelled, shallow_model(k=3), seed=4)
     model = build_ensemble(spec)
-    batch = _batches(h3o_labelled[:4], model.spec, batch_size=8)[0]
+    batch = label_batches(h3o_labelled[:4], model.spec, batch_size=8)[0]
     mse_only = LossWeights(energy=1.0, forces=1.0)
     with_nll = LossWeights(energy=1.0, forces=1.0, nll=1.0)
 
     def gradients(weights):
         model.zero_grad(set_to_none=True)
-        _step(model, batch, weights)
+        backward(model, batch, weights)
         return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 
     plain, nll = gradients(mse_only), gradients(with_nll)
-    heads = {id(p) for p in _head_parameters(model)}
+    heads = {id(p) for p in head_parameters(model)}
     changed = []
     for name, p in model.named_parameters():
         if plain[name] is None:
@@ -105,13 +98,13 @@ def test_nll_reaches_only_the_heads(h3o_labelled):
         else:
             assert same, f"the NLL changed the gradient of the shared parameter {name}"
     assert any(changed), "the NLL did not reach the heads"
-    loss, term = _loss(model, batch, with_nll, training=False)
+    loss, term = batch_loss(model, batch, with_nll, training=False)
     assert term is not None and torch.isfinite(term)
 
 
 def test_shallow_training_lowers_errors_and_calibrates(shallow_trained, h3o_labelled):
     model, report, train, valid, test = shallow_trained
-    before = evaluate(build_ensemble(new_spec(train, shallow_hyper(), seed=3)).eval(), test)
+    before = evaluate(build_ensemble(new_spec(train, shallow_model(), seed=3)).eval(), test)
     after = evaluate(model, test)
     assert after["energy_rmse"] < 0.5 * before["energy_rmse"], (before, after)
     assert after["forces_rmse"] < 0.75 * before["forces_rmse"], (before, after)
@@ -125,7 +118,9 @@ def test_shallow_training_lowers_errors_and_calibrates(shallow_trained, h3o_labe
 
 def test_nll_trains_the_heads_apart(shallow_trained):
     model, _, train, valid, _ = shallow_trained
-    flat, _ = train_committee(train, valid, shallow_hyper(), epochs=60, seed=3, nll_weight=0.0, **FAST)
+    flat, _ = train_ensemble(
+        train, valid, shallow_model(), TrainingConfig(epochs=60, nll_weight=0.0, **FAST).settings(), seed=3
+    )
 
     def raw_spread(m):
         m = copy.deepcopy(m)
@@ -184,6 +179,7 @@ def test_shallow_model_file_round_trip(shallow_trained, h3o, tmp_path):
 
 
 def test_unknown_uncertainty_kind_is_refused():
-    spec = ModelSpec(hyper={**shallow_hyper(), "uncertainty": "dropout"}, z_table=[1, 8], atomic_energies=[0.0, 0.0])
+    hyper = {**dataclasses.asdict(shallow_model()), "uncertainty": "dropout"}
+    spec = ModelSpec(hyper=hyper, z_table=[1, 8], atomic_energies=[0.0, 0.0])
     with pytest.raises(ValueError, match="uncertainty must be one of"):
         build_ensemble(spec)

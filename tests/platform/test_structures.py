@@ -20,20 +20,7 @@ from ionflow.platform.structures import (
     with_charge_state,
     write_extxyz,
 )
-
-
-def hydronium() -> Atoms:
-    atoms = Atoms(
-        "OH3",
-        positions=[[0.0, 0.0, 0.12], [0.0, 0.94, -0.16], [0.81, -0.47, -0.16], [-0.83, -0.46, -0.15]],
-    )
-    atoms.info.update(charge=1, multiplicity=1)
-    return atoms
-
-
-def water(charge: int = 0, multiplicity: int = 1) -> Atoms:
-    return with_charge_state(molecule("H2O"), charge, multiplicity)
-
+from tests.structures import hydronium, water
 
 # --- content hash -----------------------------------------------------------------------------
 

@@ -9,17 +9,26 @@ import pytest
 import torch
 from ase import Atoms
 
+from ionflow.config import TrainingConfig
+from ionflow.platform.dataset import fit_atomic_energies
+from ionflow.platform.evaluation import evaluate
 from ionflow.platform.model import Committee, build_batch
+from ionflow.platform.settings import ModelSettings, TrainingSettings
 from ionflow.platform.structures import labelled_copy
-from ionflow.platform.training import evaluate, fit_atomic_energies, new_spec, train_committee
+from ionflow.platform.training import new_spec, train_ensemble
 
 FAST = dict(learning_rate=1e-2, batch_size=16, energy_weight=10.0, forces_weight=1.0)
+
+
+def fast(**overrides) -> TrainingSettings:
+    """The campaign's training settings with FAST's and ``overrides``; a refinement keeps FAST's rate."""
+    return TrainingConfig(**{**FAST, "finetune_lr_factor": 1.0, **overrides}).settings()
 
 
 def test_training_lowers_held_out_errors(trained, tiny_hyper):
     committee, report, train, valid, test = trained
     # The same seed gives the same initial weights: this is the committee before any step.
-    before = evaluate(Committee(new_spec(train, tiny_hyper, seed=3)).eval(), test)
+    before = evaluate(Committee(new_spec(train, ModelSettings(**tiny_hyper), seed=3)).eval(), test)
     after = evaluate(committee, test)
     assert after["n"] == before["n"] == len(test)
     # seed 3 gives about 0.21x (energy) and 0.5x (forces); other seeds 0.25-0.45x and 0.45-0.55x
@@ -45,8 +54,14 @@ def test_finetune_leaves_parent_untouched(trained, tiny_hyper):
     state = {k: v.clone() for k, v in parent.state_dict().items()}
     spec = copy.deepcopy(parent.spec.to_dict())
     calls = []
-    child, report = train_committee(
-        train, valid, tiny_hyper, epochs=3, seed=5, parent=parent, progress=lambda d, t: calls.append((d, t)), **FAST
+    child, report = train_ensemble(
+        train,
+        valid,
+        ModelSettings(**tiny_hyper),
+        fast(finetune_epochs=3),
+        seed=5,
+        parent=parent,
+        progress=lambda d, t: calls.append((d, t)),
     )
     assert report.from_parent
     assert child is not parent
@@ -66,7 +81,9 @@ def test_new_element_starts_from_scratch(trained, tiny_hyper):
     parent = trained[0]
     nh3 = Atoms("NH3", positions=[[0, 0, 0.1], [0, 0.94, -0.25], [0.81, -0.47, -0.25], [-0.81, -0.47, -0.25]])
     frames = [labelled_copy(nh3, -100.0 - 0.01 * i, np.zeros((4, 3))) for i in range(3)]
-    child, report = train_committee(frames, [], tiny_hyper, epochs=1, seed=1, parent=parent, **FAST)
+    child, report = train_ensemble(
+        frames, [], ModelSettings(**tiny_hyper), fast(finetune_epochs=1), seed=1, parent=parent
+    )
     assert not report.from_parent
     assert child.z_table == [1, 7]
     assert parent.z_table == [1, 8]
@@ -74,15 +91,15 @@ def test_new_element_starts_from_scratch(trained, tiny_hyper):
 
 def test_training_reproducible_with_seed(h3o_labelled, tiny_hyper):
     train = h3o_labelled[:6]
-    a, _ = train_committee(train, [], tiny_hyper, epochs=2, seed=8, **FAST)
-    b, _ = train_committee(train, [], tiny_hyper, epochs=2, seed=8, **FAST)
+    a, _ = train_ensemble(train, [], ModelSettings(**tiny_hyper), fast(epochs=2), seed=8)
+    b, _ = train_ensemble(train, [], ModelSettings(**tiny_hyper), fast(epochs=2), seed=8)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
 
 
 def test_training_refuses_empty_data(tiny_hyper):
     with pytest.raises(ValueError, match="no training frames"):
-        train_committee([], [], tiny_hyper, epochs=1, seed=0, **FAST)
+        train_ensemble([], [], ModelSettings(**tiny_hyper), fast(epochs=1), seed=0)
 
 
 def test_evaluate_reports_per_atom_energy_errors(untrained_committee, h3o_labelled):
@@ -123,10 +140,22 @@ def test_fit_atomic_energies_single_composition_reproduces_mean_energy(h3o_label
 
 
 def test_new_spec_statistics(h3o_labelled, tiny_hyper):
-    spec = new_spec(h3o_labelled, tiny_hyper, seed=4)
+    spec = new_spec(h3o_labelled, ModelSettings(**tiny_hyper), seed=4)
     forces = np.concatenate([a.arrays["REF_forces"].ravel() for a in h3o_labelled])
     assert spec.z_table == [1, 8]
     assert spec.scale == pytest.approx(np.sqrt(np.mean(forces**2)))
     # every pair of the 4 atoms is within r_max = 4 Å: 3 neighbours each
     assert spec.avg_num_neighbors == pytest.approx(3.0)
     assert spec.seeds == [4000, 4001]
+
+
+def test_a_refinement_uses_the_finetune_epochs_and_learning_rate(trained, tiny_hyper):
+    """With a parent: finetune_epochs at learning_rate x finetune_lr_factor (what campaigns do)."""
+    parent, _, train, valid, _ = trained
+    model = ModelSettings(**tiny_hyper)
+    halved = TrainingConfig(**{**FAST, "learning_rate": 2e-2}, finetune_epochs=2, finetune_lr_factor=0.5).settings()
+    a, report = train_ensemble(train, valid, model, halved, seed=5, parent=parent)
+    b, _ = train_ensemble(train, valid, model, fast(finetune_epochs=2), seed=5, parent=parent)
+    assert report.epochs == 2 and report.from_parent
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka

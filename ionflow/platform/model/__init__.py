@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ionflow.platform.model.calculator import CommitteeCalculator, load_calculator
-from ionflow.platform.model.committee import Committee, Ensemble, ModelSpec, ShallowEnsemble, build_ensemble
+from ionflow.platform.model.calculator import CommitteeCalculator, EnsembleCalculator, load_calculator
+from ionflow.platform.model.ensemble import Committee, Ensemble, ModelSpec, ShallowEnsemble, build_ensemble
 from ionflow.platform.model.files import load_model, save_model
 from ionflow.platform.model.graph import build_batch
 
@@ -11,6 +11,7 @@ __all__ = [
     "Committee",
     "CommitteeCalculator",
     "Ensemble",
+    "EnsembleCalculator",
     "ModelSpec",
     "ShallowEnsemble",
     "build_ensemble",

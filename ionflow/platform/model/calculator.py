@@ -8,12 +8,12 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from ionflow.platform.model.committee import Ensemble
+from ionflow.platform.model.ensemble import Ensemble
 from ionflow.platform.model.files import load_model
 from ionflow.platform.model.graph import build_batch
 
 
-class CommitteeCalculator(Calculator):
+class EnsembleCalculator(Calculator):
     """Energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt, periodic only) of the ensemble mean.
 
     Also ``charges`` (n_atoms,) e and, for finite systems, ``dipole`` (3,) e·Å about the
@@ -34,21 +34,26 @@ class CommitteeCalculator(Calculator):
         "forces_uncertainty",
     ]
 
-    def __init__(self, committee: Ensemble, **kwargs) -> None:
+    def __init__(self, ensemble: Ensemble, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.committee = committee
+        self.ensemble = ensemble
+
+    @property
+    def committee(self) -> Ensemble:
+        """Deprecated name of :attr:`ensemble` (it holds either kind), kept for users' scripts."""
+        return self.ensemble
 
     def calculate(self, atoms: Atoms | None = None, properties=None, system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         periodic = bool(np.all(self.atoms.pbc))
         batch = build_batch(
             [self.atoms],
-            self.committee.z_table,
-            self.committee.r_max,
-            dtype=self.committee.spec.dtype,
-            device=self.committee.device,
+            self.ensemble.z_table,
+            self.ensemble.r_max,
+            dtype=self.ensemble.spec.dtype,
+            device=self.ensemble.device,
         )
-        pred = {k: v.cpu() for k, v in self.committee.predict(batch, compute_stress=periodic).items()}
+        pred = {k: v.cpu() for k, v in self.ensemble.predict(batch, compute_stress=periodic).items()}
         energy = float(pred["energy"][0])
         self.results = {
             "energy": energy,
@@ -65,6 +70,10 @@ class CommitteeCalculator(Calculator):
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
 
 
-def load_calculator(path: str | Path) -> CommitteeCalculator:
+# Deprecated: the calculator serves both kinds of ensemble. Kept because users' scripts import it.
+CommitteeCalculator = EnsembleCalculator
+
+
+def load_calculator(path: str | Path) -> EnsembleCalculator:
     """An ASE calculator for the model file at ``path``."""
-    return CommitteeCalculator(load_model(path))
+    return EnsembleCalculator(load_model(path))

@@ -41,6 +41,24 @@ Method = Literal["auto", "direct", "ewald", "pme"]
 #: Interpolation order of PME (points per direction of each atom's stencil).
 PME_NODES = 7
 
+#: Default relative accuracy of periodic sums (the Gaussian tails fall to it at the real- and
+#: reciprocal-space cutoffs): far below the model's own errors.
+ACCURACY = 1e-6
+
+#: Default real-space cutoff (Å) of periodic sums of point charges, and its least value for clouds.
+MIN_CUTOFF = 8.0
+#: For Gaussian clouds the default real-space cutoff is at least this many pair widths √2·σ_max,
+#: where erfc(r/(√2σ)) has fallen far below ``ACCURACY``.
+CUTOFF_WIDTHS = 6.0
+
+# Relative costs of PME per mesh point (times log2 of the mesh size) and per atom, against
+# Ewald's 1 per k-vector and atom: fitted to timings (see choose_method).
+PME_MESH_COST = 3.0 / 8.0
+PME_ATOM_COST = 400.0
+
+#: Cell volumes (Å^3) below this are singular: the cell cannot hold a periodic system.
+_MIN_CELL_VOLUME = 1e-9
+
 
 def _as_tensor(x, dtype: torch.dtype, device) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
@@ -168,7 +186,7 @@ def choose_method(cell: torch.Tensor, n_atoms: int, wavelength: float, mesh_spac
     """
     ewald = _ewald_kvectors(cell, wavelength) * n_atoms
     mesh = math.prod(mesh_shape(cell, mesh_spacing))
-    pme = 3.0 * mesh * math.log2(max(mesh, 2)) / 8.0 + 400.0 * n_atoms
+    pme = PME_MESH_COST * mesh * math.log2(max(mesh, 2)) + PME_ATOM_COST * n_atoms
     return "ewald" if ewald <= pme else "pme"
 
 
@@ -255,7 +273,7 @@ def coulomb_energy(
     *,
     method: Method = "auto",
     cutoff: float | None = None,
-    accuracy: float = 1e-6,
+    accuracy: float = ACCURACY,
 ) -> torch.Tensor:
     """Electrostatic energy (eV) of point (``sigma=None``) or Gaussian charges.
 
@@ -288,12 +306,14 @@ def coulomb_energy(
         if method not in ("auto", "direct"):
             raise ValueError(f"method {method!r} needs a periodic cell; finite systems use 'direct'")
         return _direct(positions, charges, sigma)
-    if cell is None or torch.abs(torch.linalg.det(cell)) < 1e-9:
+    if cell is None or torch.abs(torch.linalg.det(cell)) < _MIN_CELL_VOLUME:
         raise ValueError("a periodic system needs a cell with non-zero volume")
     if method == "direct":
         raise ValueError("method 'direct' is for finite systems; periodic ones use 'ewald' or 'pme'")
     if cutoff is None and sigma is not None and bool(torch.all(sigma == sigma[0])):
         return _periodic_uniform_gaussian(positions, charges, cell, float(sigma[0]), method, float(accuracy))
     if cutoff is None:
-        cutoff = max(8.0, 6.0 * math.sqrt(2.0) * float(sigma.max())) if sigma is not None else 8.0
+        cutoff = (
+            max(MIN_CUTOFF, CUTOFF_WIDTHS * math.sqrt(2.0) * float(sigma.max())) if sigma is not None else MIN_CUTOFF
+        )
     return _periodic(positions, charges, cell, sigma, method, float(cutoff), float(accuracy))

@@ -11,21 +11,26 @@ from pathlib import Path
 
 import torch
 
-from ionflow.platform.model.committee import Ensemble, ModelSpec, build_ensemble
+from ionflow.platform.model.ensemble import Ensemble, ModelSpec, build_ensemble
 
-FORMAT = "ionflow-committee"
-FORMAT_VERSION = 3  # 2: members carry an electrostatic head; 3: shallow ensembles and calibration
+FORMAT = "ionflow-ensemble"
+# 2: members carry an electrostatic head; 3: shallow ensembles and calibration;
+# 4: the format is named "ionflow-ensemble" (the payload is laid out as in version 3)
+FORMAT_VERSION = 4
+
+#: (format, version) pairs that :func:`load_model` reads; all share version 4's payload layout.
+READABLE = {(FORMAT, FORMAT_VERSION), ("ionflow-committee", 3)}
 
 
-def save_model(committee: Ensemble, path: str | Path) -> Path:
+def save_model(ensemble: Ensemble, path: str | Path) -> Path:
     """Write a committee or shallow ensemble to ``path`` atomically (a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "spec": committee.spec.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in committee.state_dict().items()},
+        "spec": ensemble.spec.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in ensemble.state_dict().items()},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
@@ -34,7 +39,7 @@ def save_model(committee: Ensemble, path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
-    """Read a model file written by :func:`save_model` (safe: weights only)."""
+    """Read a model file written by :func:`save_model`, or by ionflow's version-3 format (safe: weights only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
@@ -42,15 +47,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Ensemble
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable ionflow model file: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    formats = {name for name, _ in READABLE}
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
         raise ValueError(f"{path} is not an ionflow model file (format {payload.get('format')!r})")
-    if payload.get("format_version") != FORMAT_VERSION:
+    if (payload["format"], payload.get("format_version")) not in READABLE:
         raise ValueError(
-            f"{path}: model file version {payload.get('format_version')} is not supported (this ionflow "
-            f"reads version {FORMAT_VERSION}); retrain the model with this version"
+            f"{path}: model file version {payload.get('format_version')} of format {payload['format']!r} is not "
+            f"supported (this ionflow reads version {FORMAT_VERSION}, and version 3 of 'ionflow-committee'); "
+            "retrain the model with this version"
         )
     spec = ModelSpec(**payload["spec"])
-    committee = build_ensemble(spec, seeds=spec.seeds)
-    committee.load_state_dict(payload["state_dict"])
-    committee.eval()
-    return committee.to(device)
+    ensemble = build_ensemble(spec, seeds=spec.seeds)
+    ensemble.load_state_dict(payload["state_dict"])
+    ensemble.eval()
+    return ensemble.to(device)

@@ -1,8 +1,9 @@
-"""One committee member: MACE backbone + charges + Coulomb, energy-conserving.
+"""One member of an ensemble (or a shallow ensemble's backbone with its K heads): MACE backbone
++ charges + Coulomb, energy-conserving.
 
     E = E_local(MACE features, Q, M) + E_coulomb(q, r) − μ·𝓔 (finite systems in a field)
 
-Design points (``hyper["electrostatics"]``):
+Design points (``ModelSettings.electrostatics``):
   none          E_local only (the local energy still sees Q and M);
   latent        charges from features, shifted uniformly to sum to Q;
   equilibrated  Fukui-weighted equilibration per spin channel (exact Q and M);
@@ -16,17 +17,24 @@ prediction, the equilibration and every polarisation step.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from ase.data import atomic_masses
 from mace.modules.utils import get_outputs  # noqa: E402, I001
 
-from ionflow.platform.model._mace import ScaleShiftMACE  # before e3nn
 from ionflow.platform.model.charges import dipole, equilibrate_spin
 from ionflow.platform.model.electrostatics import coulomb_energy, direct_energies
+from ionflow.platform.model.mace_blocks import ScaleShiftMACE
+from ionflow.platform.settings import ModelSettings
 
 ELECTROSTATICS = ("none", "latent", "equilibrated", "polarisable")
+
+#: Hidden width of the small MLP heads (state energy, charges, polarisation updates): they read a
+#: few dozen invariant features, and a few times that is enough; wider only costs time.
+HEAD_HIDDEN = 16
+
+#: Scale of a shallow ensemble's initial head weights, in units of 1/sqrt(hidden): small, so the
+#: heads start near one another, but random, so that they start apart.
+HEAD_INIT_SCALE = 0.1
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> torch.nn.Sequential:
@@ -51,7 +59,7 @@ class Heads(torch.nn.Module):
     def __init__(self, n_in: int, hidden: int, heads: int) -> None:
         super().__init__()
         self.first = torch.nn.Linear(n_in, hidden * heads)
-        self.weight = torch.nn.Parameter(torch.randn(heads, hidden) * 0.1 / hidden**0.5)  # small: heads start apart
+        self.weight = torch.nn.Parameter(torch.randn(heads, hidden) * HEAD_INIT_SCALE / hidden**0.5)
         self.bias = torch.nn.Parameter(torch.zeros(heads))
         self.heads, self.hidden = heads, hidden
 
@@ -109,24 +117,24 @@ def _helmert(k: int) -> torch.Tensor:
 class Member(torch.nn.Module):
     """MACE backbone with an electrostatic head (see the module docstring)."""
 
-    def __init__(self, backbone: ScaleShiftMACE, hyper: dict[str, Any], z_table: list[int], heads: int = 1) -> None:
+    def __init__(self, backbone: ScaleShiftMACE, settings: ModelSettings, z_table: list[int], heads: int = 1) -> None:
         super().__init__()
         if heads < 1:
             raise ValueError(f"a member needs at least one readout head, got {heads}")
         self.heads = int(heads)
         self.backbone = backbone
-        self.mode = str(hyper.get("electrostatics", "none"))
+        self.mode = str(settings.electrostatics)
         if self.mode not in ELECTROSTATICS:
             raise ValueError(f"electrostatics must be one of {ELECTROSTATICS}, got {self.mode!r}")
-        self.charge_width = float(hyper.get("charge_width", 1.0))
-        self.steps = int(hyper.get("polarisation_steps", 2)) if self.mode == "polarisable" else 0
+        self.charge_width = float(settings.charge_width)
+        self.steps = int(settings.polarisation_steps) if self.mode == "polarisable" else 0
         dtype = next(backbone.parameters()).dtype
         self.register_buffer("scalars", scalar_feature_index(backbone), persistent=False)
         self.register_buffer("masses", torch.tensor([atomic_masses[z] for z in z_table], dtype=dtype), persistent=False)
         # heads read the invariant features and the element: an atom with no neighbours has
         # zero MACE features whatever its element, yet Na and Cl must not get the same charge
         n_s = int(self.scalars.numel()) + len(z_table)
-        hidden = 16
+        hidden = HEAD_HIDDEN
         # node energy from the features and the structure's charge state: E depends on Q and M.
         # A shallow ensemble has K such readouts (:class:`Heads`) on the shared backbone.
         if self.heads == 1:

@@ -1,6 +1,6 @@
 """Ensembles of MACE models, whose spread is the uncertainty that drives selection.
 
-Two kinds, chosen by ``hyper["uncertainty"]``, with one interface:
+Two kinds, chosen by ``ModelSettings.uncertainty``, with one interface:
   committee  K independently initialised and trained members (K backbones);
   shallow    one backbone whose last readout layer has K heads (Kellner & Ceriotti's
              shallow ensemble), trained with a Gaussian negative log-likelihood: one
@@ -8,7 +8,7 @@ Two kinds, chosen by ``hyper["uncertainty"]``, with one interface:
 Forces are always autograd derivatives of an energy (MACE's own ``get_outputs``), never a
 separate head; an ensemble's forces are the mean of its K forces, the derivative of the
 mean energy. The spreads are multiplied by calibration factors fitted on validation data
-(:func:`ionflow.platform.training.calibrate`) and stored in the spec.
+(:func:`ionflow.platform.evaluation.calibrate`) and stored in the spec.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from e3nn import o3  # noqa: E402, I001
 
-from ionflow.platform.model._mace import ScaleShiftMACE, interaction_classes  # before e3nn
+from ionflow.platform.model.mace_blocks import ScaleShiftMACE, interaction_classes, o3
 from ionflow.platform.model.network import Member
+from ionflow.platform.settings import ModelSettings
 
 # MACE's defaults for the interaction blocks of its "MACE" model type.
 _INTERACTION = interaction_classes["RealAgnosticResidualInteractionBlock"]
@@ -30,9 +30,10 @@ _INTERACTION_FIRST = interaction_classes["RealAgnosticInteractionBlock"]
 
 @dataclass
 class ModelSpec:
-    """Everything needed to rebuild a committee's architecture (no weights).
+    """Everything needed to rebuild an ensemble's architecture (no weights).
 
-    ``hyper`` holds the :class:`ionflow.config.ModelConfig` fields; ``atomic_energies``
+    ``hyper`` holds the :class:`~ionflow.platform.settings.ModelSettings` fields as a plain dict
+    (what the model file stores), read through :attr:`settings`; ``atomic_energies``
     (eV) are the per-element reference energies E0 in the order of ``z_table``;
     ``scale`` (eV) and ``shift`` (eV) map the readout to interaction energies;
     ``avg_num_neighbors`` normalises messages; ``calibration`` holds the factors that turn the
@@ -53,30 +54,35 @@ class ModelSpec:
         return asdict(self)
 
     @property
+    def settings(self) -> ModelSettings:
+        """The architecture, typed."""
+        return ModelSettings(**self.hyper)
+
+    @property
     def dtype(self) -> torch.dtype:
-        return torch.float64 if self.hyper.get("dtype", "float64") == "float64" else torch.float32
+        return torch.float64 if self.settings.dtype == "float64" else torch.float32
 
 
 def build_member(spec: ModelSpec, seed: int, heads: int = 1) -> Member:
     """One member (MACE backbone + electrostatic head, ``heads`` readout heads), initialised from ``seed``."""
-    h = spec.hyper
+    h = spec.settings
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = ScaleShiftMACE(
-            r_max=float(h["r_max"]),
-            num_bessel=int(h["num_bessel"]),
-            num_polynomial_cutoff=int(h["num_polynomial_cutoff"]),
-            max_ell=int(h["max_ell"]),
+            r_max=float(h.r_max),
+            num_bessel=int(h.num_bessel),
+            num_polynomial_cutoff=int(h.num_polynomial_cutoff),
+            max_ell=int(h.max_ell),
             interaction_cls=_INTERACTION,
             interaction_cls_first=_INTERACTION_FIRST,
-            num_interactions=int(h["num_interactions"]),
+            num_interactions=int(h.num_interactions),
             num_elements=len(spec.z_table),
-            hidden_irreps=o3.Irreps(h["hidden_irreps"]),
-            MLP_irreps=o3.Irreps(h["mlp_irreps"]),
+            hidden_irreps=o3.Irreps(h.hidden_irreps),
+            MLP_irreps=o3.Irreps(h.mlp_irreps),
             atomic_energies=np.asarray(spec.atomic_energies, dtype=float),
             avg_num_neighbors=float(spec.avg_num_neighbors),
             atomic_numbers=list(spec.z_table),
-            correlation=int(h["correlation"]),
+            correlation=int(h.correlation),
             gate=torch.nn.functional.silu,
             atomic_inter_scale=float(spec.scale),
             atomic_inter_shift=float(spec.shift),
@@ -95,7 +101,7 @@ class Ensemble(torch.nn.Module):
 
     @property
     def r_max(self) -> float:
-        return float(self.spec.hyper["r_max"])
+        return float(self.spec.settings.r_max)
 
     @property
     def z_table(self) -> list[int]:
@@ -103,7 +109,7 @@ class Ensemble(torch.nn.Module):
 
     @property
     def size(self) -> int:
-        return int(self.spec.hyper["ensemble_size"])
+        return int(self.spec.settings.ensemble_size)
 
     @property
     def device(self) -> torch.device:
@@ -137,26 +143,12 @@ class Ensemble(torch.nn.Module):
         return result
 
 
-def pick_device() -> torch.device:
-    """``IONFLOW_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``) when set, else the first CUDA GPU when
-    this machine has one, else the CPU: training and MD use a GPU worker's GPU unasked."""
-    import os
-
-    name = os.environ.get("IONFLOW_DEVICE")
-    if name:
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"IONFLOW_DEVICE={name} but torch sees no CUDA device")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Committee(Ensemble):
     """K MACE members evaluated on one batch, sharing nothing but the data."""
 
     def __init__(self, spec: ModelSpec, seeds: list[int] | None = None) -> None:
         super().__init__()
-        k = int(spec.hyper["ensemble_size"])
+        k = int(spec.settings.ensemble_size)
         spec.seeds = list(seeds if seeds is not None else (spec.seeds or range(k)))
         if len(spec.seeds) != k:
             raise ValueError(f"ensemble_size is {k} but {len(spec.seeds)} seeds were given")
@@ -177,7 +169,7 @@ class ShallowEnsemble(Ensemble):
 
     def __init__(self, spec: ModelSpec, seeds: list[int] | None = None) -> None:
         super().__init__()
-        k = int(spec.hyper["ensemble_size"])
+        k = int(spec.settings.ensemble_size)
         spec.seeds = list(seeds if seeds is not None else (spec.seeds or [0]))[:1]
         self.spec = spec
         self.member = build_member(spec, spec.seeds[0], heads=k)
@@ -197,8 +189,8 @@ UNCERTAINTY = {"committee": Committee, "shallow": ShallowEnsemble}
 
 
 def build_ensemble(spec: ModelSpec, seeds: list[int] | None = None) -> Ensemble:
-    """A committee or a shallow ensemble, as ``spec.hyper["uncertainty"]`` says (committee by default)."""
-    kind = spec.hyper.get("uncertainty", "committee")
+    """A committee or a shallow ensemble, as ``spec.settings.uncertainty`` says."""
+    kind = spec.settings.uncertainty
     if kind not in UNCERTAINTY:
         raise ValueError(f"uncertainty must be one of {sorted(UNCERTAINTY)}, got {kind!r}")
     return UNCERTAINTY[kind](spec, seeds=seeds)

@@ -1,0 +1,182 @@
+"""Campaign commands: ``validate``, ``run``, ``status`` and ``deploy``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ionflow.cli.common import (
+    app,
+    check_reference,
+    err,
+    exit_interrupted,
+    fail,
+    load_campaign,
+    log_to,
+    on_sigint,
+    prefect_environment,
+    shown_url,
+)
+
+
+def _check_resumable(cfg) -> None:
+    """Refuse, before any work, a file whose science differs from the campaign it would resume."""
+    from ionflow.db import campaign_by_name, make_engine, session_factory, session_scope
+    from ionflow.db.session import has_schema
+
+    db_file = cfg.campaign_dir / "ionflow.db"
+    if cfg.default_database and not db_file.exists():
+        return
+    engine = make_engine(cfg.db_url)
+    if not has_schema(engine):
+        return
+    with session_scope(session_factory(engine)) as session:
+        campaign = campaign_by_name(session, cfg.name)
+        if campaign is not None and campaign.config_hash != cfg.science_hash():
+            err.print(
+                f"[red]error:[/] campaign {cfg.name!r} in {shown_url(cfg.db_url)} was started with different settings; "
+                "resume it with its original file or choose another name"
+            )
+            raise typer.Exit(2)
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> None:
+    """Check a campaign file without running anything."""
+    cfg = load_campaign(config)
+    check_reference(cfg, config)
+    err.print(
+        f"[green]ok:[/] {config} is a valid campaign ({cfg.name}, {len(cfg.system.atoms())} atoms, "
+        f"charge {cfg.system.charge}, multiplicity {cfg.system.multiplicity})"
+    )
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> None:
+    """Run a campaign, or resume it if it was interrupted."""
+    cfg = load_campaign(config)
+    check_reference(cfg, config)
+    _check_resumable(cfg)
+    prefect_environment()
+    from ionflow.flows.campaign import campaign_flow
+    from ionflow.flows.report import console
+
+    log_to(cfg.campaign_dir)  # after importing prefect, whose logging setup replaces handlers
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, on_sigint)
+    start = time.perf_counter()
+    try:
+        summary = campaign_flow(str(config))
+    except KeyboardInterrupt:
+        exit_interrupted()
+    stopped = summary["status"] == "stopped"
+    head = "[bold yellow]stopped[/]" if stopped else "[bold green]done[/]"
+    console.print(f"\n{head} in {time.perf_counter() - start:.0f} s: {summary['stop_reason']}")
+    counts = summary["calculations"]
+    if counts:
+        outcome = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        console.print(f"  reference {outcome}" + (" (the rows' error column says why)" if set(counts) - {"ok"} else ""))
+    console.print(f"  model     {summary['model']}")
+    console.print(f"  dataset   {summary['dataset']}  (REF_energy / REF_forces, eV and eV/Å)")
+    console.print(f"  test set  {summary['test_set']}")
+    console.print(f"  database  {shown_url(summary['database_url'])}")
+    console.print(f"  folder    {summary['folder']}")
+    if stopped:
+        raise typer.Exit(3)
+
+
+@app.command()
+def status(
+    target: Path = typer.Argument(..., help="Campaign file, or a campaign folder holding ionflow.db."),
+    name: str | None = typer.Option(None, help="Campaign name (default: the file's, or the only one)."),
+) -> None:
+    """Print a campaign's iterations from its database."""
+    from ionflow.db import iteration_table, make_engine, session_factory, session_scope
+    from ionflow.db.queries import campaigns_named
+    from ionflow.flows.report import console
+    from ionflow.flows.report import iteration_table as render
+
+    if target.is_dir():
+        db_file = target / "ionflow.db"
+        if not db_file.exists():
+            err.print(f"[red]error:[/] {target} holds no ionflow.db")
+            raise typer.Exit(2)
+        url = f"sqlite:///{db_file.resolve()}"
+    else:
+        cfg = load_campaign(target)
+        url, name = cfg.db_url, name or cfg.name
+        if cfg.default_database and not (cfg.campaign_dir / "ionflow.db").exists():
+            err.print(f"[red]error:[/] campaign {cfg.name} has not run yet (no {cfg.campaign_dir / 'ionflow.db'})")
+            raise typer.Exit(2)
+    with session_scope(session_factory(make_engine(url))) as session:
+        campaigns = campaigns_named(session, name)
+        if len(campaigns) != 1:
+            err.print(f"[red]error:[/] found {len(campaigns)} campaigns{f' named {name}' if name else ''}; use --name")
+            raise typer.Exit(2)
+        campaign = campaigns[0]
+        rows = iteration_table(session, campaign.id)
+        console.print(render(rows, f"{campaign.name} ({campaign.status}) — {campaign.workdir}"))
+
+
+@app.command()
+def deploy(
+    config: Path = typer.Argument(..., help="Campaign file (YAML)."),
+    pool: str = typer.Option("cpu", help="Work pool of the campaign flow and its reference calculations."),
+    gpu_pool: str = typer.Option("gpu", help="Work pool of MD and training ('' to run them in the campaign flow)."),
+    cron: str | None = typer.Option(None, help="Cron schedule for a recurring campaign, e.g. '0 2 * * *'."),
+    label_concurrency: int | None = typer.Option(
+        None, min=1, help="Label steps at once on this server (all campaigns)."
+    ),
+    create_pools: bool = typer.Option(True, help="Create missing work pools (process type)."),
+) -> None:
+    """Deploy a campaign to the Prefect server at PREFECT_API_URL: work pools, deployments, schedule.
+
+    Then start workers where the work should run, e.g. `prefect worker start --pool cpu` on a CPU
+    node and `prefect worker start --pool gpu` on a GPU node, and run it from the UI or with
+    `prefect deployment run ionflow-campaign/NAME`.
+    """
+    cfg = load_campaign(config)
+    check_reference(cfg, config)
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=cron)
+        except ValidationError:
+            fail(f"--cron {cron!r} is not a valid cron expression")
+    if not os.environ.get("PREFECT_API_URL"):
+        fail(
+            "set PREFECT_API_URL to your Prefect server's API (e.g. http://127.0.0.1:4200/api); "
+            "a deployment needs a server that outlives this command"
+        )
+    prefect_environment()
+    from ionflow.flows.deploy import deploy_campaign
+
+    try:
+        done = deploy_campaign(
+            config,
+            work_pool=pool,
+            gpu_pool=gpu_pool or None,
+            cron=cron,
+            label_concurrency=label_concurrency,
+            create_pools=create_pools,
+        )
+    except Exception as exc:  # noqa: BLE001  an unreachable server, a missing pool: say which
+        fail(f"deploying {cfg.name} failed: {exc}")
+    out = Console(highlight=False)
+    out.print(
+        f"[green]deployed[/] ionflow-campaign/{done.campaign} on pool {done.work_pool}"
+        + (f", schedule {done.cron}" if done.cron else "")
+    )
+    if done.gpu_pool:
+        out.print(f"[green]deployed[/] ionflow-gpu-step/{done.campaign} (MD, training) on pool {done.gpu_pool}")
+    if done.label_concurrency:
+        out.print(f"label steps limited to {done.label_concurrency} at once (tag ionflow-label)")
+    out.print(f"run it: prefect deployment run 'ionflow-campaign/{done.campaign}'")

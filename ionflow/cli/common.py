@@ -1,0 +1,137 @@
+"""What every ``ionflow`` command shares: the typer apps, the error console, loading and checking
+a campaign file, Prefect's environment, Ctrl-C, and small rich renderings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Active learning of electrostatic ML potentials.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+db_app = typer.Typer(no_args_is_help=True, help="The provenance database: schema migrations.")
+app.add_typer(db_app, name="db")
+
+
+def prefect_environment(campaign_dir: Path | None = None) -> None:
+    """Prefect settings that must be in place before it is imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # Prefect's own console lines would tear through the progress bars; its logs still
+    # reach the Prefect server (UI) and the campaign's log file.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
+
+
+INTERRUPTED = "interrupted: finished work is in the database; run the same command again to resume"
+#: After Ctrl-C, Prefect flushes logs and events to its server, which the same Ctrl-C may have
+#: stopped; its retries would hold the terminal for minutes. Every result is already committed,
+#: so after this grace period the process ends anyway.
+
+INTERRUPT_GRACE_S = 10.0
+
+
+def exit_interrupted() -> None:
+    err.print(f"\n[yellow]{INTERRUPTED}[/]", soft_wrap=True)
+    os._exit(130)
+
+
+def on_sigint(signum, frame) -> None:
+    if getattr(on_sigint, "seen", False):
+        exit_interrupted()  # a second Ctrl-C: leave now
+    on_sigint.seen = True
+    watchdog = threading.Timer(INTERRUPT_GRACE_S, exit_interrupted)
+    watchdog.daemon = True
+    watchdog.start()
+    raise KeyboardInterrupt
+
+
+def log_to(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / "campaign.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ionflow", "prefect"):  # prefect.flow_runs / prefect.task_runs propagate to "prefect"
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+def shown_url(url: str) -> str:
+    """A database URL fit to print: any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def load_campaign(config: Path):
+    from ionflow.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def check_reference(cfg, path: Path) -> None:
+    """Refuse, before any work, a system the reference adapter cannot label (a periodic cell for
+    PySCF, a charge the ASE calculator cannot be told, a code that is not installed)."""
+    from ionflow.dft_adapters import SettingError, get_adapter
+
+    adapter = get_adapter(cfg.reference.adapter, cfg.reference.settings)
+    try:
+        adapter.check([cfg.system.atoms()])
+    except SettingError as exc:
+        fail(f"{path}: reference.settings.{exc.setting}: {exc} (adapter {cfg.reference.adapter!r})")
+    except ValueError as exc:
+        fail(f"{path}: reference adapter {cfg.reference.adapter!r}: {exc}")
+
+
+def fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def progress_bar(description: str):
+    """A progress callback ``(done, total)`` drawing a transient bar on stderr, as a context manager."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextmanager
+    def bar():
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            task = progress.add_task(description, total=None)
+            yield lambda done, total: progress.update(task, completed=done, total=total)
+
+    return bar()
+
+
+def metrics_table(metrics: dict):
+    """Validation errors as a small rich table."""
+    from rich.table import Table
+
+    if not metrics.get("n"):
+        table = Table(title="validation: no frames held out")
+        table.add_column("")
+        return table
+    table = Table(title=f"validation errors ({metrics['n']} frames)")
+    table.add_column("quantity")
+    table.add_column("RMSE", justify="right")
+    table.add_column("MAE", justify="right")
+    table.add_row("energy (meV/atom)", f"{1000 * metrics['energy_rmse']:.2f}", f"{1000 * metrics['energy_mae']:.2f}")
+    table.add_row("forces (eV/Å)", f"{metrics['forces_rmse']:.4f}", f"{metrics['forces_mae']:.4f}")
+    if "charges_rmse" in metrics:
+        table.add_row("charges (e)", f"{metrics['charges_rmse']:.4f}", f"{metrics['charges_mae']:.4f}")
+    if "dipole_rmse" in metrics:
+        table.add_row("dipole (e·Å)", f"{metrics['dipole_rmse']:.4f}", f"{metrics['dipole_mae']:.4f}")
+    return table

@@ -1,0 +1,79 @@
+"""The select step: for every explored frame, whether it is worth a reference calculation, and why.
+
+(Not ``select.py``: Prefect puts this folder on ``sys.path`` when it loads a deployment's
+entrypoint, where a module of that name would shadow the standard library's ``select``.)
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from ionflow.db import session_scope
+from ionflow.db.queries import chosen_count, decisions_of_iteration, md_candidates, md_runs_of_iteration
+from ionflow.db.records import iteration_row, labelled_set, record_decision
+from ionflow.flows.context import context, reached
+from ionflow.platform.selection import Decision, nothing_chosen
+from ionflow.platform.selection import select as select_frames
+from ionflow.platform.structures import read_structures, structure_hash
+
+
+@task(name="select")
+def select_task(config_path: str, campaign_id: int, index: int) -> int:
+    """Record a decision (score, threshold, chosen or not and why) for every frame the
+    iteration's MD sampled; return how many were chosen."""
+    ctx = context(config_path)
+    cfg = ctx.config.selection
+    with session_scope(ctx.sessions) as session:
+        it = iteration_row(session, campaign_id, index)
+        if reached(it.status, "selected"):
+            return chosen_count(session, it.id)
+        rows = md_candidates(session, campaign_id, it.id)
+        md_run_of = {row.id: md_run_id for row, md_run_id in rows}
+        frames = []
+        for run in md_runs_of_iteration(session, campaign_id, index):
+            if run.trajectory_path:
+                frames.extend(read_structures(ctx.store.path(run.trajectory_path)))
+        frame_of = {structure_hash(f): f for f in frames}
+        candidates = [row for row, _ in rows if row.hash in frame_of]
+        cand_frames = [frame_of[row.hash] for row in candidates]
+        settings_hash = ctx.adapter.settings_hash
+        known = [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=False)]
+        known += [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=True)]
+        decisions = select_frames(
+            cand_frames,
+            [f.info["force_std_max"] for f in cand_frames],
+            threshold=cfg.threshold,
+            ceiling=cfg.ceiling,
+            per_iteration=cfg.per_iteration,
+            min_distance=cfg.min_distance,
+            labelled=known,
+        )
+        for d in decisions:
+            row, frame = candidates[d.index], cand_frames[d.index]
+            record_decision(
+                session,
+                iteration_id=it.id,
+                structure_id=row.id,
+                md_run_id=md_run_of[row.id],
+                score=d.score,
+                energy_uncertainty=float(frame.info.get("energy_std", 0.0)),
+                threshold=cfg.threshold,
+                chosen=d.chosen,
+                reason=d.reason,
+            )
+        chosen = sum(d.chosen for d in decisions)
+        it.metrics = dict(it.metrics or {}, candidates=len(decisions), selected=chosen)
+        it.status = "selected"
+        get_run_logger().info(
+            "iteration %d: %d of %d candidate frames selected for labelling", index, chosen, len(decisions)
+        )
+        return chosen
+
+
+def why_nothing_chosen(config_path: str, campaign_id: int, index: int) -> str:
+    """The stop reason of an iteration that chose no frame (all trusted, all beyond the ceiling, ...)."""
+    ctx = context(config_path)
+    with session_scope(ctx.sessions) as session:
+        it = iteration_row(session, campaign_id, index)
+        rows = decisions_of_iteration(session, it.id)
+        return nothing_chosen([Decision(r.id, r.score, r.chosen, r.reason) for r in rows])
