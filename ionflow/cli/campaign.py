@@ -85,6 +85,7 @@ def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> Non
     console.print(f"  model     {summary['model']}")
     console.print(f"  dataset   {summary['dataset']}  (REF_energy / REF_forces, eV and eV/Å)")
     console.print(f"  test set  {summary['test_set']}")
+    console.print(f"  learning  {summary['learning_curve']}  (test errors against labels and reference CPU time)")
     console.print(f"  database  {shown_url(summary['database_url'])}")
     console.print(f"  folder    {summary['folder']}")
     if stopped:

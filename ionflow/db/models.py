@@ -207,6 +207,7 @@ class Calculation(Base):
     results_path: Mapped[str | None]  # npz in the object store
     results_sha256: Mapped[str | None] = mapped_column(Hash)
     wall_time_s: Mapped[float] = mapped_column(default=0.0)
+    cpu_time_s: Mapped[float | None]  # the code's CPU seconds, all threads and processes; None: unknown
     error: Mapped[str | None] = mapped_column(Text)
     host: Mapped[str | None]
     run_dir: Mapped[str | None]

@@ -123,7 +123,11 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
     campaign (from the start if none did); ``n_failed``: calculations of this
     iteration that did not end ``ok`` (failed, unconverged, timeout); ``n_selected``:
     structures chosen for labelling in this iteration; ``n_md_runs``; ``model_version``:
-    the newest model trained in this iteration, or None; ``metrics`` (``{}`` if unset).
+    the newest model trained in this iteration, or None; ``n_training_labels``: the labels that
+    model was fitted on (training and validation sides), or None; ``reference_cpu_s``: CPU
+    seconds of the reference calculations this campaign ran up to and including this iteration,
+    failed ones included (a calculation whose CPU time is unknown counts its wall time), the cost
+    axis of a learning curve; ``metrics`` (``{}`` if unset).
     """
     iterations = session.scalars(
         select(Iteration).where(Iteration.campaign_id == campaign_id).order_by(Iteration.index)
@@ -163,9 +167,27 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
         ).all()
     )
 
+    training_labels = dict(
+        session.execute(
+            select(Model.iteration_id, func.count(TrainingMember.calculation_id))
+            .join(TrainingMember, TrainingMember.model_id == Model.id)
+            .where(Model.campaign_id == campaign_id, Model.iteration_id.is_not(None))
+            .group_by(Model.iteration_id)
+        ).all()
+    )
+    cpu_by_iteration = dict(
+        session.execute(
+            select(Calculation.iteration_id, func.sum(func.coalesce(Calculation.cpu_time_s, Calculation.wall_time_s)))
+            .where(Calculation.iteration_id.in_(in_campaign))
+            .group_by(Calculation.iteration_id)
+        ).all()
+    )
+
     table = []
+    cpu_so_far = 0.0
     for it in iterations:
         n_labels = sum(n for start, n in available_from if start is None or start <= it.index)
+        cpu_so_far += float(cpu_by_iteration.get(it.id) or 0.0)
         table.append(
             {
                 "index": it.index,
@@ -175,6 +197,8 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
                 "n_selected": selected.get(it.id, 0),
                 "n_md_runs": md_runs.get(it.id, 0),
                 "model_version": model_versions.get(it.id),
+                "n_training_labels": training_labels.get(it.id),
+                "reference_cpu_s": cpu_so_far,
                 "metrics": it.metrics or {},
             }
         )

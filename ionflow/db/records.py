@@ -198,6 +198,7 @@ def record_calculation(
         results_path=results_path,
         results_sha256=results_sha,
         wall_time_s=float(result.wall_time_s),
+        cpu_time_s=None if result.cpu_time_s is None else float(result.cpu_time_s),
         error=result.error,
         host=result.host,
         run_dir=result.run_dir,

@@ -48,6 +48,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ionflow.dft_adapters.ase_run import USAGE_FILE
 from ionflow.dft_adapters.base import (
     LabelResult,
     SettingError,
@@ -329,6 +330,7 @@ class ASEAdapter:
         if fields["status"] == "unconverged" and len(attempts) > 1:
             changes = "; ".join(", ".join(f"{k}={_short(v)}" for k, v in change.items()) for change in tried[1:])
             fields["error"] = f"{fields['error']}; nor with any of {len(attempts) - 1} retries ({changes})"
+        fields["cpu_time_s"] = _cpu_seconds([run_dir / f"attempt-{n}" for n in range(len(tried))])
         fields.setdefault("extra", {})["attempts"] = len(tried)
         if len(tried) > 1:
             fields["extra"]["retries"] = tried[1:]
@@ -339,7 +341,7 @@ class ASEAdapter:
     def _run(self, atoms: Atoms, folder: Path, parameters: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
         """One attempt in ``folder``: the fields of a LabelResult (status, error, arrays)."""
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in ("results.npz", "error.json"):
+        for stale in ("results.npz", "error.json", USAGE_FILE):
             (folder / stale).unlink(missing_ok=True)
         shutil.copyfile(folder.parent / "structure.extxyz", folder / "structure.extxyz")
         job = {
@@ -439,6 +441,18 @@ class ASEAdapter:
             charge_scheme=f"{self.code_name} default" if "charges" in arrays else None,
         )
         return fields
+
+
+def _cpu_seconds(folders: list[Path]) -> float | None:
+    """CPU seconds of every attempt, as each child reported it; None when one could not say
+    (killed at the timeout, or it died): a partial sum would understate the cost."""
+    total = 0.0
+    for folder in folders:
+        try:
+            total += float(json.loads((folder / USAGE_FILE).read_text())["cpu_time_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return total
 
 
 def _kill_group(proc: subprocess.Popen, only_children: bool = False) -> None:

@@ -84,13 +84,29 @@ def run(folder: Path) -> None:
     _save(folder / "results.npz", arrays)
 
 
+#: What this child reports of its own cost, next to its results (read by the parent).
+USAGE_FILE = "usage.json"
+
+
+def _write_usage(folder: Path) -> None:
+    """CPU seconds of this process and the code's processes it waited for (user + system)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    (folder / USAGE_FILE).write_text(json.dumps({"cpu_time_s": cpu}))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m ionflow.dft_adapters.ase_run FOLDER", file=sys.stderr)
         return 64
     folder = Path(argv[0]).resolve()
     try:
-        run(folder)
+        try:
+            run(folder)
+        finally:
+            _write_usage(folder)
     except Exception as exc:  # noqa: BLE001  every failure is reported to the parent as a file
         from ase.calculators.calculator import SCFError
 

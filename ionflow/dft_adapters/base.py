@@ -49,6 +49,7 @@ class LabelResult:
     settings_hash: str
     wall_time_s: float
     energy: float | None = None
+    cpu_time_s: float | None = None  # CPU seconds of the code (all its threads and processes), when known
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None
     dipole: np.ndarray | None = None
@@ -134,13 +135,15 @@ class InProcessAdapter(ABC):
         # Outside the try below: a _compute that cannot take these arguments (a stub with the
         # wrong signature) is a programming error to raise, never a failed calculation.
         inspect.signature(self._compute).bind(atoms, run_dir)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if run_dir is not None:
             start_run_dir(run_dir, atoms)
         try:
             fields = self._compute(atoms, run_dir)
         except Exception as exc:  # noqa: BLE001  any failure of the code becomes the result's status
             fields = {"status": self._status_of(exc), "error": error_line(exc)}
+        # the process's CPU time, all threads: a labelling worker computes one structure at a time
+        fields.setdefault("cpu_time_s", time.process_time() - cpu_start)
         result = self.result(wall_time_s=time.perf_counter() - start, run_dir=run_dir, **fields)
         if run_dir is not None:
             finish_run_dir(run_dir, result)
@@ -231,6 +234,7 @@ def finish_run_dir(run_dir: Path, result: LabelResult) -> None:
         "energy_eV": result.energy,
         "error": result.error,
         "wall_time_s": result.wall_time_s,
+        "cpu_time_s": result.cpu_time_s,
         "code": result.code,
         "code_version": result.code_version,
         "settings_hash": result.settings_hash,

@@ -30,6 +30,9 @@ from ionflow.flows.train import train_task
 
 log = logging.getLogger("ionflow")
 
+#: The learning curve's picture, in the campaign folder (rewritten after every iteration).
+LEARNING_CURVE = "learning_curve.png"
+
 
 @flow(name="ionflow-campaign", log_prints=True)
 def campaign_flow(config_path: str, gpu_deployment: str | None = None) -> dict[str, Any]:
@@ -130,19 +133,43 @@ def _labels_so_far(config_path: str, campaign_id: int) -> int:
 
 
 def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict[str, Any]]:
-    """Print the iteration table, and publish the iteration's row as a Prefect table artifact."""
+    """Print the iteration table, draw the learning curve (``learning_curve.png``), and publish the
+    iteration's row and the learning curve as Prefect table artifacts."""
     ctx = context(config_path)
     with session_scope(ctx.sessions) as session:
         rows = iteration_table(session, campaign_id)
-    report.console.print(report.iteration_table(rows, f"{ctx.config.name}: after iteration {index}"))
+    name = ctx.config.name
+    report.console.print(report.iteration_table(rows, f"{name}: after iteration {index}"))
+    report.learning_curve(rows, ctx.folder / LEARNING_CURVE, f"{name}: test errors")
     row = rows[index]
-    quantities = {**{k: row[k] for k in ("n_labels", "n_selected", "model_version")}, **row["metrics"]}
+    keys = ("n_labels", "n_training_labels", "reference_cpu_s", "n_selected", "model_version")
+    quantities = {**{k: row[k] for k in keys}, **row["metrics"]}
+    slug = name.lower().replace("_", "-").replace(".", "-")
     create_table_artifact(
-        key=f"{ctx.config.name.lower().replace('_', '-').replace('.', '-')}-iteration-{index}",
+        key=f"{slug}-iteration-{index}",
         table=[{"quantity": k, "value": v} for k, v in quantities.items()],
-        description=f"ionflow campaign {ctx.config.name}, iteration {index}",
+        description=f"ionflow campaign {name}, iteration {index}",
+    )
+    create_table_artifact(
+        key=f"{slug}-learning-curve",
+        table=[
+            {
+                "iteration": r["index"],
+                "labels trained on": r["n_training_labels"],
+                "reference CPU s": round(r["reference_cpu_s"], 1),
+                "test energy RMSE meV/atom": _milli(r["metrics"].get("test_energy_rmse")),
+                "test force RMSE eV/Å": r["metrics"].get("test_forces_rmse"),
+            }
+            for r in rows
+            if r["model_version"] is not None
+        ],
+        description=f"ionflow campaign {name}: test errors against labels and reference CPU time",
     )
     return rows
+
+
+def _milli(value: float | None) -> float | None:
+    return None if value is None else 1000 * value
 
 
 def _lock(folder: Path):
@@ -167,6 +194,7 @@ class CampaignSummary:
     model: str | None
     dataset: str
     test_set: str
+    learning_curve: str
     stop_reason: str
     status: str = "finished"
     iterations: list[dict[str, Any]] = field(default_factory=list)
@@ -189,6 +217,7 @@ def finish(config_path: str, campaign_id: int, stop_reason: str, status: str = "
             model=str(ctx.store.path(latest.checkpoint_path)) if latest else None,
             dataset=str(ctx.folder / "dataset.extxyz"),
             test_set=str(ctx.folder / "test.extxyz"),
+            learning_curve=str(ctx.folder / LEARNING_CURVE),
             stop_reason=stop_reason,
             status=status,
             iterations=iteration_table(session, campaign_id),

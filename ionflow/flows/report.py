@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -42,7 +43,8 @@ def stage(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
 
 
 CAPTION = (
-    "labels: reference labels so far; picked: frames selected this iteration; E, F: test-set RMSE "
+    "labels: reference labels so far (test set included); fit: labels the model was trained on; ref CPU: CPU "
+    "time of the reference calculations so far; picked: frames selected this iteration; E, F: test-set RMSE "
     "of energy per atom and forces; σF: calibrated per-atom force spread (predicted error, eV/Å) over explored frames"
 )
 
@@ -51,12 +53,67 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 3600:.2f} h"
+
+
+def learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Test errors against labels trained on and against reference CPU time, one point per
+    evaluated iteration, as a PNG at ``path``; None when no iteration has test errors yet."""
+    points = [r for r in rows if (r.get("metrics") or {}).get("test_forces_rmse") is not None]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    forces = [r["metrics"]["test_forces_rmse"] for r in points]
+    energies = [1000 * r["metrics"]["test_energy_rmse"] for r in points]
+    cpu = [r.get("reference_cpu_s") or 0.0 for r in points]
+    hours = max(cpu) >= 3600
+    axes_x = [
+        ([r.get("n_training_labels") or 0 for r in points], "labels trained on"),
+        ([c / 3600 for c in cpu] if hours else cpu, f"reference CPU time ({'h' if hours else 's'})"),
+    ]
+    fig, panels = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    for ax, (x, label) in zip(panels, axes_x):
+        ax.plot(x, forces, "o-", color="tab:blue")
+        for xi, yi, r in zip(x, forces, points):
+            ax.annotate(f"v{r['index']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test force RMSE (eV/Å)", color="tab:blue")
+        twin = ax.twinx()
+        twin.plot(x, energies, "s--", color="tab:red")
+        twin.set_ylabel("test energy RMSE (meV/atom)", color="tab:red")
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Labels so far, test errors, force uncertainty of explored frames, frames selected."""
     table = Table(
         title=title, title_justify="left", caption=CAPTION, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
     )
-    for header in ("iter", "status", "labels", "picked", "E meV/at", "F eV/Å", "σF mean", "σF max", "model"):
+    headers = (
+        "iter",
+        "status",
+        "labels",
+        "fit",
+        "ref CPU",
+        "picked",
+        "E meV/at",
+        "F eV/Å",
+        "σF mean",
+        "σF max",
+        "model",
+    )
+    for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
         m = row.get("metrics") or {}
@@ -65,6 +122,8 @@ def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
             str(row["index"]),
             row["status"],
             str(row["n_labels"]),
+            _fmt(row.get("n_training_labels"), "d"),
+            _duration(row.get("reference_cpu_s")),
             "-" if row["index"] == 0 else str(row["n_selected"]),
             _fmt(None if e is None else 1000 * e, ".1f"),
             _fmt(m.get("test_forces_rmse"), ".3f"),

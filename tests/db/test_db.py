@@ -163,8 +163,32 @@ def test_upgrade_twice_is_a_noop(url: str) -> None:
         _campaign(session)
     upgrade(url)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+        assert MigrationContext.configure(conn).get_current_revision() == "0002"
         assert conn.execute(select(Campaign.name)).scalars().all() == ["water"]
+    engine.dispose()
+
+
+def test_upgrade_from_0001_keeps_calculations_and_adds_cpu_time(url: str) -> None:
+    upgrade(url, "0001")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO structure (hash, formula, n_atoms, charge, multiplicity, path, created_at) "
+                "VALUES ('h', 'H2O', 3, 0, 1, 'structures/h.extxyz', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO calculation (structure_id, adapter, code_version, settings_hash, settings, status, "
+                "wall_time_s, created_at) VALUES (1, 'pyscf', '2', 's', '{}', 'ok', 1.5, CURRENT_TIMESTAMP)"
+            )
+        )
+    assert "cpu_time_s" not in {c["name"] for c in inspect(engine).get_columns("calculation")}
+    upgrade(url)
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT wall_time_s, cpu_time_s FROM calculation")).one()
+    assert tuple(row) == (1.5, None)
     engine.dispose()
 
 

@@ -58,6 +58,9 @@ def test_file_based_calculator_matches_a_direct_call_and_keeps_its_files(tmp_pat
         assert (attempt / name).is_file(), name
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "ok"
     assert result.code == "faultyxtb" and result.host and result.wall_time_s > 0
+    # the CPU time the child reported (its own and the code's processes) is the calculation's
+    usage = json.loads((attempt / "usage.json").read_text())["cpu_time_s"]
+    assert result.cpu_time_s == usage > 0
 
 
 def test_in_process_ase_calculator_matches_direct_tblite():
@@ -94,6 +97,7 @@ def test_a_hanging_code_is_killed_at_the_timeout(tmp_path):
     result = faulty("hang", timeout_s=3).label([hydronium()], [tmp_path / "hang"])[0]
     assert time.perf_counter() - start < 20
     assert result.status == "timeout" and "3 s" in result.error
+    assert result.cpu_time_s is None  # killed before it could say: unknown, not zero
 
 
 def test_retry_with_changed_settings_rescues_an_unconverged_run(tmp_path):
@@ -112,6 +116,8 @@ def test_retry_with_changed_settings_rescues_an_unconverged_run(tmp_path):
     assert result.ok, result.error
     assert result.extra["attempts"] == 2 and result.extra["retries"] == [{"fault": "ok"}]
     assert (tmp_path / "run" / "attempt-1" / "xtb-output.txt").is_file()
+    per_attempt = [json.loads((tmp_path / "run" / f"attempt-{n}" / "usage.json").read_text()) for n in (0, 1)]
+    assert result.cpu_time_s == pytest.approx(sum(u["cpu_time_s"] for u in per_attempt))
     assert result.energy == pytest.approx(direct_xtb(hydronium())[0], abs=1e-8)
 
 

@@ -60,6 +60,7 @@ def test_matches_direct_tblite(atoms):
     assert result.charge_scheme == "tblite-mulliken"
     assert result.dipole.shape == (3,) and result.stress is None
     assert result.code == "tblite" and result.code_version and result.host
+    assert 0 < result.cpu_time_s < 60
 
 
 def test_dipole_of_an_ion_is_about_the_frame_origin():

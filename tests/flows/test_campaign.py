@@ -145,6 +145,35 @@ def test_status_prints_the_iterations_from_the_database(finished):
         assert len(lines) == 3 and "v2" in lines[-1]
 
 
+def test_learning_curve_counts_labels_and_reference_cost(finished):
+    from typer.testing import CliRunner
+
+    from ionflow.cli import app
+    from ionflow.db import iteration_table
+
+    summary, ctx, path = finished
+    with session_scope(ctx.sessions) as s:
+        campaign_id = s.scalar(select(Campaign.id))
+        rows = iteration_table(s, campaign_id)
+        calcs = s.execute(select(Calculation.iteration_id, Calculation.cpu_time_s, Calculation.wall_time_s)).all()
+        iteration_index = dict(s.execute(select(Iteration.id, Iteration.index)).all())
+        for row in rows:
+            model = s.scalar(select(Model).join(Iteration).where(Iteration.index == row["index"]))
+            # labels used: the members the iteration's model was fitted on
+            assert row["n_training_labels"] == count(s, TrainingMember, TrainingMember.model_id == model.id)
+    # every tblite calculation knows its CPU time, and the curve's cost is their running sum
+    assert all(cpu is not None and cpu > 0 for _, cpu, _ in calcs)
+    for row in rows:
+        spent = sum(cpu for it, cpu, _ in calcs if iteration_index[it] <= row["index"])
+        assert row["reference_cpu_s"] == pytest.approx(spent)
+    assert [r["n_training_labels"] for r in rows] == sorted(r["n_training_labels"] for r in rows)
+    picture = summary["learning_curve"]
+    with open(picture, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    result = CliRunner().invoke(app, ["status", str(path)], env={"COLUMNS": "200"})
+    assert "fit" in result.output and "ref CPU" in result.output
+
+
 def test_campaign_with_a_shallow_ensemble(tmp_path, prefect_server):
     from ionflow.flows.campaign import campaign_flow
     from ionflow.flows.context import context
