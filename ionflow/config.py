@@ -331,6 +331,16 @@ class ExploreConfig(Strict):
         le=MAX_FORCE_SPREAD,
         description="Stop a walker when its largest per-atom force spread exceeds this (eV/Å).",
     )
+    growth: float = Field(
+        1.0,
+        ge=1.0,
+        le=10.0,
+        description="After an iteration whose walkers all ran to the end (no uncertainty stop), the next "
+        "iteration's walkers run this many times longer (dimensionless; 1: always explore.steps).",
+    )
+    max_steps: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Longest walker (MD steps) that growth may reach; None: no limit."
+    )
     temperature_ramp: float = Field(
         1.0,
         ge=1.0,
@@ -342,12 +352,22 @@ class ExploreConfig(Strict):
     def _sampling(self) -> ExploreConfig:
         if self.sample_every > self.steps:
             raise ValueError(f"sample_every ({self.sample_every}) is larger than steps ({self.steps})")
+        if self.max_steps is not None and self.max_steps < self.steps:
+            raise ValueError(f"max_steps ({self.max_steps}) is below steps ({self.steps})")
         return self
 
 
 class SelectionConfig(Strict):
     """Which explored frames are worth a reference calculation."""
 
+    strategy: Literal["uncertainty", "random", "diverse"] = Field(
+        "uncertainty",
+        description="uncertainty: the most uncertain frames in the trust window [threshold, ceiling), "
+        "near-duplicates (min_distance) skipped; random: frames drawn uniformly (from the seed) among all explored "
+        "frames not yet labelled, the spread unused: the baseline; diverse: frames in the trust window taken "
+        "greedily by force spread x novelty of their atomic environments (the model's own invariant features, "
+        "per element) against the labelled frames and those already taken.",
+    )
     per_iteration: int = Field(
         6, ge=1, le=MAX_COUNT, description="At most this many frames are labelled per iteration."
     )
@@ -368,6 +388,15 @@ class SelectionConfig(Strict):
         ge=0,
         le=100.0,
         description="Frames closer than this descriptor distance (Å) to a chosen one are duplicates.",
+    )
+    min_novelty: float = Field(
+        0.1,
+        ge=0,
+        le=100.0,
+        description="diverse only: a frame is covered (not labelled) when its most novel atomic environment lies "
+        "at most this far from a labelled or already chosen one of the same element; dimensionless, in units of "
+        "the element's typical distance between labelled environments (median distance to the nearest one in "
+        "another frame), so 1 means as far as labelled frames are from each other.",
     )
 
     @model_validator(mode="after")
@@ -410,6 +439,14 @@ class CampaignConfig(Strict):
     )
     iterations: int = Field(3, ge=1, le=1000, description="Explore-select-label-train iterations after bootstrap.")
     max_labels: int | None = Field(None, ge=1, le=MAX_COUNT, description="Stop once this many reference labels exist.")
+    fit_for_md_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_COUNT,
+        description="Stop once every walker of an iteration ran at least this many MD steps (explore.timestep_fs "
+        "each, at that iteration's temperature) without an uncertainty stop: the model is fit for the MD it is "
+        "trained for. Set explore.growth above 1 so that walkers grow towards this length.",
+    )
     seed: int = Field(
         0, ge=0, lt=2**32, description="Seed of every random choice (rattles, MD, initial weights); below 2**32."
     )
@@ -474,6 +511,7 @@ class CampaignConfig(Strict):
                 "database_url": True,
                 "iterations": True,
                 "max_labels": True,
+                "fit_for_md_steps": True,
                 "execution": True,
                 "reference": {"workers", "threads_per_worker", "timeout_s", "max_failure_ratio"},
             },
@@ -490,6 +528,10 @@ _SETTINGS_ADDED_LATER = (
     ("explore", "start_rattle_stdev"),
     ("training", "finetune_lr_factor"),
     ("training", "nll_weight"),
+    ("selection", "strategy"),
+    ("selection", "min_novelty"),
+    ("explore", "growth"),
+    ("explore", "max_steps"),
 )
 
 

@@ -31,6 +31,8 @@ def test_science_hash_of_earlier_files_is_unchanged(extra, expected):
         ("explore", "start_rattle_stdev", 0.05),
         ("training", "finetune_lr_factor", 0.25),
         ("training", "nll_weight", 2.0),
+        ("selection", "strategy", "diverse"),
+        ("selection", "min_novelty", 0.5),
     ],
 )
 def test_a_changed_new_setting_changes_the_science(section, key, value):

@@ -100,6 +100,24 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def read_labelled(data: Path) -> list:
+    """Every frame of a labelled file, labels as ``REF_*`` keys (a calculator's plain energy/forces
+    too, as other tools write them); exit 2 naming the problem when a frame cannot be used."""
+    if not data.is_file():
+        fail(f"{data}: no such data file")
+    from ionflow.platform.dataset import dataset_problem
+    from ionflow.platform.structures import read_structures, with_reference_labels
+
+    try:
+        frames = [with_reference_labels(a) for a in read_structures(data)]
+    except Exception as exc:  # ASE raises many types for unreadable files
+        fail(f"{data}: cannot read structures: {exc}")
+    problem = dataset_problem(frames)
+    if problem:
+        fail(f"{data}: {problem}")
+    return frames
+
+
 def progress_bar(description: str):
     """A progress callback ``(done, total)`` drawing a transient bar on stderr, as a context manager."""
     from contextlib import contextmanager
@@ -116,15 +134,15 @@ def progress_bar(description: str):
     return bar()
 
 
-def metrics_table(metrics: dict):
-    """Validation errors as a small rich table."""
+def metrics_table(metrics: dict, title: str = "validation errors"):
+    """Errors (of :func:`ionflow.platform.evaluation.evaluate`) as a small rich table."""
     from rich.table import Table
 
     if not metrics.get("n"):
         table = Table(title="validation: no frames held out")
         table.add_column("")
         return table
-    table = Table(title=f"validation errors ({metrics['n']} frames)")
+    table = Table(title=f"{title} ({metrics['n']} frames)")
     table.add_column("quantity")
     table.add_column("RMSE", justify="right")
     table.add_column("MAE", justify="right")

@@ -13,6 +13,7 @@ from ionflow.cli.common import (
     fail,
     metrics_table,
     progress_bar,
+    read_labelled,
 )
 
 
@@ -55,22 +56,7 @@ def train(
         model_cfg, training_cfg = load_train_config(config, overrides)
     except ConfigError as exc:
         fail(str(exc))
-    if not data.is_file():
-        fail(f"{data}: no such data file")
-
-    from ionflow.platform.structures import read_structures, with_reference_labels
-
-    try:
-        frames = [with_reference_labels(a) for a in read_structures(data)]
-    except Exception as exc:  # ASE raises many types for unreadable files
-        fail(f"{data}: cannot read structures: {exc}")
-
-    from ionflow.platform.dataset import dataset_problem
-    from ionflow.platform.training import fit_dataset
-
-    problem = dataset_problem(frames)
-    if problem:
-        fail(f"{data}: {problem}")
+    frames = read_labelled(data)
 
     from rich.console import Console
     from rich.progress import (
@@ -82,6 +68,7 @@ def train(
     )
 
     from ionflow.platform.model import save_model
+    from ionflow.platform.training import fit_dataset
 
     out = Console(highlight=False)
     labelled = any("REF_dipole" in a.info or "REF_charges" in a.arrays for a in frames)

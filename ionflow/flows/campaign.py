@@ -23,7 +23,7 @@ from ionflow.flows import report
 from ionflow.flows.bootstrap import bootstrap_task
 from ionflow.flows.context import context
 from ionflow.flows.evaluate import close_iteration_task, evaluate_task
-from ionflow.flows.explore import explore_task
+from ionflow.flows.explore import explore_task, fit_for_md
 from ionflow.flows.label import label_step, too_many_failures
 from ionflow.flows.selection import select_task, why_nothing_chosen
 from ionflow.flows.train import train_task
@@ -54,8 +54,11 @@ def campaign_flow(config_path: str, gpu_deployment: str | None = None) -> dict[s
                     stop_reason = f"label budget of {cfg.max_labels} reached"
                     break
                 _gpu_step(gpu_deployment, config_path, campaign_id, index, "explore")
-                if select_task(config_path, campaign_id, index) == 0:
-                    stop_reason = why_nothing_chosen(config_path, campaign_id, index)
+                done = fit_for_md(config_path, campaign_id, index)
+                if done is None and select_task(config_path, campaign_id, index) == 0:
+                    done = why_nothing_chosen(config_path, campaign_id, index)
+                if done is not None:
+                    stop_reason = done
                     close_iteration_task(config_path, campaign_id, index, stop_reason)
                     _show_iteration(config_path, campaign_id, index)
                     break

@@ -74,6 +74,7 @@ def context(config_path: str) -> Context:
 _TEST_SET_OFFSET = 10_000  # bootstrap test rattles: seed + this (training rattles use the seed itself)
 _WALKER_START_PRIME = 7919  # fresh walker starts of iteration i: seed * this + i
 _MD_PRIME = 104729  # Langevin noise of iteration i: seed * this + i
+_SELECTION_PRIME = 1299709  # random selection of iteration i: seed * this + i
 
 
 def bootstrap_seeds(seed: int) -> tuple[int, int]:
@@ -89,6 +90,11 @@ def walker_start_seed(seed: int, index: int) -> int:
 def md_seed(seed: int, index: int) -> int:
     """Seed of the MD walkers' thermostat noise in iteration ``index``."""
     return seed * _MD_PRIME + index
+
+
+def selection_seed(seed: int, index: int) -> int:
+    """Seed of the random selection strategy's draw in iteration ``index``."""
+    return seed * _SELECTION_PRIME + index
 
 
 def training_seed(seed: int, index: int) -> int:

@@ -20,6 +20,21 @@ from ionflow.platform.md import run_walkers
 from ionflow.platform.structures import rattled, read_structures, write_extxyz
 
 
+def walker_steps(ctx: Context, session: Session, campaign_id: int, index: int) -> int:
+    """MD steps per walker in iteration ``index``: ``explore.steps`` at first; after an iteration
+    whose walkers all ran to the end (none stopped by uncertainty), ``explore.growth`` times
+    longer (at most ``explore.max_steps``); otherwise as long as before. Read from the database,
+    so a resumed campaign explores as far as it would have."""
+    cfg = ctx.config.explore
+    previous = md_runs_of_iteration(session, campaign_id, index - 1)
+    if not previous:
+        return cfg.steps
+    steps = max(run.n_steps_requested for run in previous)
+    if all(run.stop_reason == "completed" for run in previous):
+        steps = int(round(steps * cfg.growth))
+    return steps if cfg.max_steps is None else min(steps, cfg.max_steps)
+
+
 def walker_starts(ctx: Context, session: Session, campaign_id: int, index: int) -> list[Atoms]:
     """Each walker continues from its last trusted frame of the previous iteration when it
     ran to completion; otherwise (first iteration, or it was stopped) from a fresh rattle."""
@@ -56,12 +71,13 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             raise RuntimeError(f"iteration {index} has no model to explore with")
         ensemble = ctx.load(model).to(pick_device())  # a GPU worker's GPU, if it has one
         starts = walker_starts(ctx, session, campaign_id, index)
+        steps = walker_steps(ctx, session, campaign_id, index)
         temperature = cfg.temperature_K * cfg.temperature_ramp ** (index - 1)
-        with stage(f"explore: {cfg.walkers} walkers, {temperature:.0f} K", cfg.steps) as update:
+        with stage(f"explore: {cfg.walkers} walkers, {temperature:.0f} K", steps) as update:
             walkers = run_walkers(
                 ensemble,
                 starts,
-                steps=cfg.steps,
+                steps=steps,
                 timestep_fs=cfg.timestep_fs,
                 temperature_K=temperature,
                 friction_per_fs=cfg.friction_per_fs,
@@ -90,7 +106,7 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
                 walker=w.walker,
                 temperature_K=temperature,
                 timestep_fs=cfg.timestep_fs,
-                n_steps_requested=cfg.steps,
+                n_steps_requested=steps,
                 n_steps_done=w.n_steps_done,
                 stop_reason=w.stop_reason,
                 trajectory_path=trajectory,
@@ -107,6 +123,8 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             "explored_force_std_max": float(max(scores)) if scores else None,
             "walkers_stopped": sum(w.stop_reason != "completed" for w in walkers),
             "temperature_K": temperature,
+            "walker_steps": steps,
+            "walker_time_fs": steps * cfg.timestep_fs,
         }
         it.status = "explored"
         get_run_logger().info(
@@ -120,3 +138,24 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             it.metrics["explored_force_std_max"] or 0.0,
         )
         return dict(it.metrics)
+
+
+def fit_for_md(config_path: str, campaign_id: int, index: int) -> str | None:
+    """The stop reason when the model is fit for MD (``fit_for_md_steps``): every walker of
+    iteration ``index`` ran at least that many steps without an uncertainty stop; else None."""
+    ctx = context(config_path)
+    target = ctx.config.fit_for_md_steps
+    if target is None:
+        return None
+    with session_scope(ctx.sessions) as session:
+        runs = md_runs_of_iteration(session, campaign_id, index)
+        if not runs or not all(r.stop_reason == "completed" and r.n_steps_done >= target for r in runs):
+            return None
+        shortest = min(r.n_steps_done for r in runs)
+        temperatures = sorted({round(r.temperature_K) for r in runs})
+        fs = shortest * runs[0].timestep_fs
+    kelvin = "/".join(str(t) for t in temperatures)
+    return (
+        f"fit for MD: all {len(runs)} walkers ran {shortest} steps ({fs / 1000:g} ps) at {kelvin} K "
+        f"without an uncertainty stop (fit_for_md_steps {target})"
+    )

@@ -6,13 +6,22 @@ entrypoint, where a module of that name would shadow the standard library's ``se
 
 from __future__ import annotations
 
+from ase import Atoms
 from prefect import get_run_logger, task
+from sqlalchemy.orm import Session
 
 from ionflow.db import session_scope
-from ionflow.db.queries import chosen_count, decisions_of_iteration, md_candidates, md_runs_of_iteration
+from ionflow.db.queries import (
+    chosen_count,
+    decisions_of_iteration,
+    md_candidates,
+    md_runs_of_iteration,
+    newest_model,
+)
 from ionflow.db.records import iteration_row, labelled_set, record_decision
-from ionflow.flows.context import context, reached
-from ionflow.platform.selection import Decision, nothing_chosen
+from ionflow.flows.context import Context, context, reached, selection_seed
+from ionflow.platform.device import pick_device
+from ionflow.platform.selection import Decision, nothing_chosen, select_diverse, select_random
 from ionflow.platform.selection import select as select_frames
 from ionflow.platform.structures import read_structures, structure_hash
 
@@ -36,18 +45,7 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
         frame_of = {structure_hash(f): f for f in frames}
         candidates = [row for row, _ in rows if row.hash in frame_of]
         cand_frames = [frame_of[row.hash] for row in candidates]
-        settings_hash = ctx.adapter.settings_hash
-        known = [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=False)]
-        known += [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=True)]
-        decisions = select_frames(
-            cand_frames,
-            [f.info["force_std_max"] for f in cand_frames],
-            threshold=cfg.threshold,
-            ceiling=cfg.ceiling,
-            per_iteration=cfg.per_iteration,
-            min_distance=cfg.min_distance,
-            labelled=known,
-        )
+        decisions = decide(ctx, session, campaign_id, index, cand_frames)
         for d in decisions:
             row, frame = candidates[d.index], cand_frames[d.index]
             record_decision(
@@ -65,9 +63,51 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
         it.metrics = dict(it.metrics or {}, candidates=len(decisions), selected=chosen)
         it.status = "selected"
         get_run_logger().info(
-            "iteration %d: %d of %d candidate frames selected for labelling", index, chosen, len(decisions)
+            "iteration %d: %d of %d candidate frames selected for labelling (%s)",
+            index,
+            chosen,
+            len(decisions),
+            cfg.strategy,
         )
         return chosen
+
+
+def decide(ctx: Context, session: Session, campaign_id: int, index: int, frames: list[Atoms]) -> list[Decision]:
+    """The decision on each of ``frames`` by the campaign's ``selection.strategy``; frames already
+    labelled (training or test set) are never chosen again."""
+    cfg = ctx.config.selection
+    settings_hash = ctx.adapter.settings_hash
+    training = [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=False)]
+    known = training + [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=True)]
+    scores = [f.info["force_std_max"] for f in frames]
+    if cfg.strategy == "random":
+        seed = selection_seed(ctx.config.seed, index)
+        return select_random(frames, scores, cfg.per_iteration, seed=seed, labelled=known)
+    if cfg.strategy == "diverse":
+        model = newest_model(session, campaign_id, before_index=index)
+        if model is None:
+            raise RuntimeError(f"iteration {index} has no model to compare atomic environments with")
+        # novelty against what the model was trained on; the test set is skipped, not a reference
+        return select_diverse(
+            frames,
+            scores,
+            ctx.load(model).to(pick_device()),
+            threshold=cfg.threshold,
+            ceiling=cfg.ceiling,
+            per_iteration=cfg.per_iteration,
+            min_novelty=cfg.min_novelty,
+            labelled=known,
+            reference=training,
+        )
+    return select_frames(
+        frames,
+        scores,
+        threshold=cfg.threshold,
+        ceiling=cfg.ceiling,
+        per_iteration=cfg.per_iteration,
+        min_distance=cfg.min_distance,
+        labelled=known,
+    )
 
 
 def why_nothing_chosen(config_path: str, campaign_id: int, index: int) -> str:

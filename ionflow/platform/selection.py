@@ -1,21 +1,50 @@
 """Selection: which explored frames get a reference calculation, and why the rest do not.
 
-A frame is a candidate when its largest per-atom force spread lies in the trust
-window [threshold, ceiling): below it the model is trusted, above it the frame
-is most likely unphysical (DP-GEN's trust levels). Candidates are taken most
-uncertain first, skipping any within ``min_distance`` (Å, in a
-permutation-invariant distance descriptor) of a frame already chosen or
-already labelled. Every frame gets a decision with its reason.
+Three strategies (``selection.strategy``), each giving every frame a :class:`Decision` with its
+reason; the score recorded is always the frame's largest per-atom force spread (eV/Å).
+
+uncertainty (:func:`select`)
+    A frame is a candidate when its largest per-atom force spread lies in the trust window
+    [threshold, ceiling): below it the model is trusted, above it the frame is most likely
+    unphysical (DP-GEN's trust levels). Candidates are taken most uncertain first, skipping any
+    within ``min_distance`` (Å, in a permutation-invariant distance descriptor) of a frame
+    already chosen or already labelled.
+random (:func:`select_random`)
+    Uniform among the frames not yet labelled, from a seed: the baseline that any claim of
+    active learning is measured against. The spread is recorded, never used.
+diverse (:func:`select_diverse`)
+    Candidates as for uncertainty (the trust window), then a greedy batch: each step takes the
+    candidate with the largest spread x novelty, where novelty is how far the frame's most
+    unusual atomic environment lies from the labelled ones and from those of the frames already
+    taken, per element, in the model's own invariant features (:mod:`ionflow.platform.environments`).
+    A product rather than a novelty floor: an uncertain frame still needs to be new, but a new
+    frame that the model is sure of is not worth a label either. The batch stops at the budget or
+    when every remaining candidate's novelty is at most ``min_novelty`` ("covered"). Cost is
+    linear in atoms: no per-frame all-pairs descriptor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from ase import Atoms
+from ase.data import chemical_symbols
 
+from ionflow.platform.environments import (
+    MAX_PER_ELEMENT,
+    Environments,
+    Pool,
+    by_element,
+    environments,
+    novelty,
+    thinned,
+    typical_distances,
+)
+from ionflow.platform.model import Ensemble
 from ionflow.platform.structures import structure_hash
 
 
@@ -71,9 +100,28 @@ def nothing_chosen(decisions: Sequence[Decision]) -> str:
         return "converged: no explored frame was uncertain enough to label"
     parts = [f"{kinds['above ceiling']} above the ceiling (likely unphysical)"] if kinds["above ceiling"] else []
     parts += [f"{kinds['trusted']} trusted"] if kinds["trusted"] else []
-    parts += [f"{kinds['other']} already labelled or near-duplicates"] if kinds["other"] else []
+    parts += [f"{kinds['other']} already labelled, near-duplicates or covered"] if kinds["other"] else []
     hint = "; raise selection.ceiling or lower the temperature" if kinds["above ceiling"] else ""
     return f"stopped: no frame to label ({', '.join(parts)}){hint}"
+
+
+LABELLED = "already labelled (same structure hash)"
+
+
+def _outside_window(score: float, threshold: float, ceiling: float) -> str | None:
+    """Why a frame with this spread is not a candidate (trusted, above the ceiling), or None."""
+    if score < threshold:
+        return f"trusted: spread {score:.3f} < threshold {threshold} eV/Å"
+    if score >= ceiling:
+        return f"above ceiling {ceiling} eV/Å: likely unphysical"
+    return None
+
+
+def _checked_scores(frames: Sequence[Atoms], scores: Sequence[float]) -> np.ndarray:
+    scores = np.asarray(scores, dtype=float)
+    if len(scores) != len(frames):
+        raise ValueError(f"{len(frames)} frames but {len(scores)} scores")
+    return scores
 
 
 def select(
@@ -85,10 +133,8 @@ def select(
     min_distance: float,
     labelled: Sequence[Atoms] = (),
 ) -> list[Decision]:
-    """Decide for every frame whether to label it (see the module docstring)."""
-    scores = np.asarray(scores, dtype=float)
-    if len(scores) != len(frames):
-        raise ValueError(f"{len(frames)} frames but {len(scores)} scores")
+    """Decide for every frame whether to label it: the uncertainty strategy (module docstring)."""
+    scores = _checked_scores(frames, scores)
     decisions: dict[int, Decision] = {}
     known_hashes = {structure_hash(a) for a in labelled}
     references = [descriptor(a) for a in labelled]
@@ -96,14 +142,11 @@ def select(
     n_chosen = 0
     for i in np.argsort(-scores, kind="stable"):
         s = float(scores[i])
-        if s < threshold:
-            decisions[i] = Decision(int(i), s, False, f"trusted: spread {s:.3f} < threshold {threshold} eV/Å")
-            continue
-        if s >= ceiling:
-            decisions[i] = Decision(int(i), s, False, f"above ceiling {ceiling} eV/Å: likely unphysical")
-            continue
-        if structure_hash(frames[i]) in known_hashes:
-            decisions[i] = Decision(int(i), s, False, "already labelled (same structure hash)")
+        reason = _outside_window(s, threshold, ceiling)
+        if reason is None and structure_hash(frames[i]) in known_hashes:
+            reason = LABELLED
+        if reason is not None:
+            decisions[i] = Decision(int(i), s, False, reason)
             continue
         desc = descriptor(frames[i])
         nearest = min((descriptor_distance(desc, r) for r in references + chosen_refs), default=float("inf"))
@@ -119,3 +162,116 @@ def select(
         chosen_refs.append(desc)
         n_chosen += 1
     return [decisions[i] for i in range(len(frames))]
+
+
+def select_random(
+    frames: Sequence[Atoms],
+    scores: Sequence[float],
+    per_iteration: int,
+    seed: int,
+    labelled: Sequence[Atoms] = (),
+) -> list[Decision]:
+    """The random strategy: ``per_iteration`` frames drawn uniformly, from ``seed``, among those
+    not yet labelled (same structure hash). ``scores`` are recorded, never used."""
+    scores = _checked_scores(frames, scores)
+    known = {structure_hash(a) for a in labelled}
+    decisions: dict[int, Decision] = {}
+    n_chosen = 0
+    for i in np.random.default_rng(seed).permutation(len(frames)):
+        s, key = float(scores[i]), structure_hash(frames[i])
+        if key in known:
+            decisions[i] = Decision(int(i), s, False, LABELLED)
+        elif n_chosen < per_iteration:
+            decisions[i] = Decision(int(i), s, True, f"random pick (spread {s:.3f} eV/Å, not used)")
+            known.add(key)
+            n_chosen += 1
+        else:
+            decisions[i] = Decision(int(i), s, False, f"random: not drawn ({per_iteration} frames drawn)")
+    return [decisions[i] for i in range(len(frames))]
+
+
+def select_diverse(
+    frames: Sequence[Atoms],
+    scores: Sequence[float],
+    ensemble: Ensemble,
+    threshold: float,
+    ceiling: float,
+    per_iteration: int,
+    min_novelty: float,
+    labelled: Sequence[Atoms] = (),
+    reference: Sequence[Atoms] | None = None,
+    max_per_element: int = MAX_PER_ELEMENT,
+) -> list[Decision]:
+    """The diverse strategy (module docstring): environments from ``ensemble``; novelty against
+    ``reference`` (default: ``labelled``; pass the training frames to leave the test set out),
+    frames already ``labelled`` skipped by structure hash."""
+    scores = _checked_scores(frames, scores)
+    decisions, open_ = _candidates(frames, scores, threshold, ceiling, labelled)
+    envs = dict(zip(open_, environments(ensemble, [frames[i] for i in open_])))
+    reference_frames = thinned(labelled if reference is None else reference)
+    pools = by_element(environments(ensemble, reference_frames), max_per_element)
+    scales = _scales(pools, envs, max_per_element)
+    atom_novelty = {i: novelty(envs[i], pools, scales) for i in open_}  # [atoms] each, dimensionless
+
+    def frame_novelty(i: int) -> float:
+        return float(atom_novelty[i].max()) if atom_novelty[i].numel() else 0.0
+
+    def covered(i: int) -> str:
+        return f"diverse: covered (novelty {frame_novelty(i):.2f} <= min_novelty {min_novelty})"
+
+    n_chosen = 0
+    while open_ and n_chosen < per_iteration:
+        for i in [i for i in open_ if frame_novelty(i) <= min_novelty]:
+            decisions[i] = Decision(i, float(scores[i]), False, covered(i))
+            open_.remove(i)
+        if not open_:
+            break
+        best = max(open_, key=lambda i: (_gain(float(scores[i]), frame_novelty(i)), float(scores[i])))
+        s, nu = float(scores[best]), frame_novelty(best)
+        symbol = chemical_symbols[int(envs[best].numbers[int(atom_novelty[best].argmax())])]
+        decisions[best] = Decision(best, s, True, f"diverse: spread {s:.3f} eV/Å, novelty {nu:.2f} ({symbol})")
+        open_.remove(best)
+        n_chosen += 1
+        added = by_element([envs[best]], max_per_element)  # the batch so far joins the reference
+        for i in open_:
+            atom_novelty[i] = torch.minimum(atom_novelty[i], novelty(envs[i], added, scales))
+    for i in open_:
+        s, nu = float(scores[i]), frame_novelty(i)
+        reason = (
+            covered(i) if nu <= min_novelty else f"budget: {per_iteration} frames already chosen (novelty {nu:.2f})"
+        )
+        decisions[i] = Decision(i, s, False, reason)
+    return [decisions[i] for i in range(len(frames))]
+
+
+def _candidates(
+    frames: Sequence[Atoms], scores: np.ndarray, threshold: float, ceiling: float, labelled: Sequence[Atoms]
+) -> tuple[dict[int, Decision], list[int]]:
+    """The decisions on frames outside the trust window or already labelled, and the indices of
+    the rest (the candidates), most uncertain first."""
+    known = {structure_hash(a) for a in labelled}
+    decisions: dict[int, Decision] = {}
+    candidates: list[int] = []
+    for i in map(int, np.argsort(-scores, kind="stable")):
+        s = float(scores[i])
+        reason = _outside_window(s, threshold, ceiling)
+        if reason is None and structure_hash(frames[i]) in known:
+            reason = LABELLED
+        if reason is not None:
+            decisions[i] = Decision(i, s, False, reason)
+        else:
+            candidates.append(i)
+    return decisions, candidates
+
+
+def _gain(score: float, nu: float) -> float:
+    """spread x novelty; an environment of an element never seen (novelty ∞) comes first."""
+    return math.inf if math.isinf(nu) else score * nu
+
+
+def _scales(pools: dict[int, Pool], envs: dict[int, Environments], max_per_element: int) -> dict[int, float]:
+    """Each element's typical distance in the reference; for an element found in fewer than two
+    reference frames, among the candidates instead; else 1 (feature units)."""
+    elements = {int(z) for e in envs.values() for z in e.numbers}
+    fallback = typical_distances(by_element(list(envs.values()), max_per_element)) if envs else {}
+    return {z: 1.0 for z in elements} | fallback | typical_distances(pools)

@@ -449,6 +449,7 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
         )
     )
     c6 = _calculation(session, s6, iteration=it1)
+    c6.cpu_time_s = 0.25  # known CPU time; the others count their wall time (1.5 s)
     m2 = Model(
         campaign=campaign,
         iteration=it1,
@@ -519,6 +520,8 @@ def test_iteration_table_counts(engine: Engine, tmp_path) -> None:
             "n_selected": 2,
             "n_md_runs": 1,
             "model_version": 1,
+            "n_training_labels": 3,
+            "reference_cpu_s": 3.0,  # s3 and the failed s4, computed in iteration 0: wall time, CPU unknown
             "metrics": {"force_rmse": 0.2},
         },
         {
@@ -529,6 +532,8 @@ def test_iteration_table_counts(engine: Engine, tmp_path) -> None:
             "n_selected": 1,
             "n_md_runs": 1,
             "model_version": 2,
+            "n_training_labels": 4,
+            "reference_cpu_s": 3.25,  # + s6's CPU time
             "metrics": {},
         },
     ]

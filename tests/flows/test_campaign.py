@@ -195,3 +195,28 @@ def test_campaign_with_a_shallow_ensemble(tmp_path, prefect_server):
             assert m.hyperparameters["spec"]["calibration"] == model.spec.calibration
             assert model.spec.calibration != {"energy": 1.0, "forces": 1.0}
             assert m.metrics["valid"]["force_z_rms"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_walkers_grow_with_trust_and_the_campaign_stops_when_fit_for_md(tmp_path, prefect_server):
+    from ionflow.flows.campaign import campaign_flow
+    from ionflow.flows.context import context
+
+    config = tiny_campaign(
+        tmp_path,
+        iterations=5,
+        fit_for_md_steps=20,
+        # no uncertainty stop can happen (100 eV/Å), so every iteration's walkers complete
+        explore={"steps": 10, "sample_every": 5, "growth": 2.0, "max_steps": 20},
+    )
+    summary = campaign_flow(str(write_campaign(tmp_path, config)))
+    assert summary["stop_reason"].startswith("fit for MD: all 2 walkers ran 20 steps")
+    ctx = context(str((tmp_path / "campaign.yaml").resolve()))
+    with session_scope(ctx.sessions) as s:
+        runs = s.execute(
+            select(Iteration.index, MDRun.n_steps_requested, MDRun.n_steps_done).join(Iteration).order_by(MDRun.id)
+        ).all()
+        assert [tuple(r) for r in runs] == [(1, 10, 10), (1, 10, 10), (2, 20, 20), (2, 20, 20)]
+        last = s.scalar(select(Iteration).where(Iteration.index == 2))
+        assert last.status == "done" and last.metrics["stop_reason"] == summary["stop_reason"]
+        assert count(s, SelectionDecision, SelectionDecision.iteration_id == last.id) == 0  # nothing more to label
+        assert count(s, Model) == 2  # v0 and v1: the model that passed is v1

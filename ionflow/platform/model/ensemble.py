@@ -116,6 +116,17 @@ class Ensemble(torch.nn.Module):
         """Where the ensemble's weights are (batches must be built there)."""
         return next(self.parameters()).device
 
+    @property
+    def first_member(self) -> Member:
+        """The committee's first member, or the shallow ensemble's one backbone."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def environments(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-atom invariant features [n, d] of :attr:`first_member` (:meth:`Member.environments`),
+        without gradients: invariant to rotation, translation and permutation of like atoms."""
+        return self.first_member.environments(batch)
+
     def predict(self, batch: dict[str, torch.Tensor], compute_stress: bool = False) -> dict[str, torch.Tensor]:
         """Ensemble mean and calibrated spread, detached.
 
@@ -155,6 +166,10 @@ class Committee(Ensemble):
         self.spec = spec
         self.members = torch.nn.ModuleList(build_member(spec, s) for s in spec.seeds)
 
+    @property
+    def first_member(self) -> Member:
+        return self.members[0]
+
     def forward(
         self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -173,6 +188,10 @@ class ShallowEnsemble(Ensemble):
         spec.seeds = list(seeds if seeds is not None else (spec.seeds or [0]))[:1]
         self.spec = spec
         self.member = build_member(spec, spec.seeds[0], heads=k)
+
+    @property
+    def first_member(self) -> Member:
+        return self.member
 
     def forward(
         self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False

@@ -167,6 +167,14 @@ class Member(torch.nn.Module):
                 energies = energies.index_add(0, torch.tensor([g], device=positions.device), e_g[None])
         return energies  # [g] eV
 
+    def environments(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The invariant scalar (0e) channels of the backbone's node features, every layer: [n, d].
+
+        What the heads read, less the element one-hot: an atom's environment in the model's own
+        feature space, for comparing environments of one element (selection)."""
+        out = self.backbone(dict(batch), training=False, compute_force=False)
+        return out["node_feats"][:, self.scalars]
+
     def forward(
         self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
     ) -> dict[str, torch.Tensor]:
