@@ -18,10 +18,10 @@ from prefect.artifacts import create_table_artifact
 
 from ionflow.db import calculation_outcomes, iteration_table, session_scope
 from ionflow.db.queries import newest_model, usable_label_count
-from ionflow.db.records import open_campaign, set_campaign_status
+from ionflow.db.records import iteration_row, open_campaign, set_campaign_status
 from ionflow.flows import report
 from ionflow.flows.bootstrap import bootstrap_task
-from ionflow.flows.context import context
+from ionflow.flows.context import context, reached
 from ionflow.flows.evaluate import close_iteration_task, evaluate_task
 from ionflow.flows.explore import explore_task, fit_for_md
 from ionflow.flows.label import label_step, too_many_failures
@@ -96,6 +96,8 @@ def _gpu_step(gpu_deployment: str | None, config_path: str, campaign_id: int, in
     if gpu_deployment is None:
         GPU_STEPS[step](config_path, campaign_id, index)
         return
+    if _step_done(config_path, campaign_id, index, step):
+        return  # resuming: a flow run would start a worker process (~20 s) only to find it done
     from prefect.deployments import run_deployment
 
     run = run_deployment(
@@ -110,6 +112,16 @@ def _gpu_step(gpu_deployment: str | None, config_path: str, campaign_id: int, in
         raise RuntimeError(
             f"{step} of iteration {index} ended {state} on deployment {gpu_deployment} (flow run {run.id})"
         )
+
+
+#: The iteration status that says a GPU step is done.
+GPU_STEP_DONE = {"explore": "explored", "train": "trained"}
+
+
+def _step_done(config_path: str, campaign_id: int, index: int, step: str) -> bool:
+    ctx = context(config_path)
+    with session_scope(ctx.sessions) as session:
+        return reached(iteration_row(session, campaign_id, index).status, GPU_STEP_DONE[step])
 
 
 @task(name="open-campaign")
