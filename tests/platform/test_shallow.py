@@ -58,6 +58,18 @@ def test_one_backbone_with_k_heads(h3o_labelled):
     assert sum(p.numel() for p in model.parameters()) < 0.25 * committee_params
 
 
+def test_environments_come_from_the_one_backbone_or_the_first_member(h3o_labelled):
+    batch_frames = h3o_labelled[:2]
+    for kind in ("shallow", "committee"):
+        model = build_ensemble(new_spec(h3o_labelled, shallow_model(k=3, uncertainty=kind), seed=1))
+        first = model.member if kind == "shallow" else model.members[0]
+        assert model.first_member is first
+        batch = build_batch(batch_frames, model.z_table, model.r_max)
+        features = model.environments(batch)
+        assert features.shape[0] == 8 and not features.requires_grad
+        assert torch.equal(features, first.environments(batch))
+
+
 def test_spreads_follow_their_definitions_and_the_calibration(h3o_labelled):
     model = build_ensemble(new_spec(h3o_labelled, shallow_model(k=4), seed=2)).eval()
     batch = build_batch(h3o_labelled[:2], model.z_table, model.r_max)

@@ -118,8 +118,9 @@ class Ensemble(torch.nn.Module):
 
     @property
     def first_member(self) -> Member:
-        """The committee's first member, or the shallow ensemble's one backbone."""
-        raise NotImplementedError
+        """The committee's first member, or the shallow ensemble's one backbone: the first
+        :class:`Member` among the submodules, in the order they were built."""
+        return next(module for module in self.modules() if isinstance(module, Member))
 
     @torch.no_grad()
     def environments(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -166,10 +167,6 @@ class Committee(Ensemble):
         self.spec = spec
         self.members = torch.nn.ModuleList(build_member(spec, s) for s in spec.seeds)
 
-    @property
-    def first_member(self) -> Member:
-        return self.members[0]
-
     def forward(
         self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -188,10 +185,6 @@ class ShallowEnsemble(Ensemble):
         spec.seeds = list(seeds if seeds is not None else (spec.seeds or [0]))[:1]
         self.spec = spec
         self.member = build_member(spec, spec.seeds[0], heads=k)
-
-    @property
-    def first_member(self) -> Member:
-        return self.member
 
     def forward(
         self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
