@@ -43,9 +43,10 @@ def stage(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
 
 
 CAPTION = (
-    "labels: reference labels so far (test set included); fit: labels the model was trained on; ref CPU: CPU "
-    "time of the reference calculations so far; picked: frames selected this iteration; E, F: test-set RMSE "
-    "of energy per atom and forces; σF: calibrated per-atom force spread (predicted error, eV/Å) over explored frames"
+    "labels: reference labels so far (test set included); fit: labels the model was trained on; CPU: CPU "
+    "time of the reference calculations so far; new: frames selected this iteration; E (meV/atom), F (eV/Å): "
+    "test-set RMSE of energy per atom and forces; σF: calibrated per-atom force spread (predicted error, eV/Å) "
+    "over explored frames, mean (σF) and max"
 )
 
 
@@ -100,19 +101,8 @@ def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(
         title=title, title_justify="left", caption=CAPTION, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
     )
-    headers = (
-        "iter",
-        "status",
-        "labels",
-        "fit",
-        "ref CPU",
-        "picked",
-        "E meV/at",
-        "F eV/Å",
-        "σF mean",
-        "σF max",
-        "model",
-    )
+    # short headers: the eleven columns fit an 80-column terminal (the caption explains them)
+    headers = ("it", "status", "labels", "fit", "CPU", "new", "E", "F", "σF", "max", "model")
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
