@@ -301,8 +301,42 @@ class BootstrapConfig(Strict):
     """The first labels: random displacements of the starting structure."""
 
     n_train: int = Field(8, ge=2, le=MAX_COUNT, description="Rattled structures labelled to train the first model.")
-    n_test: int = Field(6, ge=1, le=MAX_COUNT, description="Rattled structures labelled once as the fixed test set.")
+    n_test: int = Field(
+        6,
+        ge=0,
+        le=MAX_COUNT,
+        description="Rattled structures labelled once as part of the test set (0: none; see the test section "
+        "for test sets drawn from MD or given as a file).",
+    )
     rattle_stdev: float = Field(0.04, gt=0, le=0.5, description="Standard deviation of the displacements, Å.")
+
+
+class TestSetConfig(Strict):
+    """What the campaign's errors are measured on: structures labelled and never trained on."""
+
+    held_out_per_iteration: int = Field(
+        0,
+        ge=0,
+        le=MAX_COUNT,
+        description="Explored frames held out for the test set in every iteration: drawn uniformly (from the "
+        "seed) among the frames the iteration's MD sampled, before selection, labelled and never trained on. "
+        "The test set grows with the campaign and represents the configurations the model meets in MD at the "
+        "campaign's temperatures; every model is re-evaluated on it as it grows.",
+    )
+    file: Path | None = Field(
+        None,
+        description="Test structures from any ASE-readable file (relative to the campaign file). Frames with "
+        "reference energies and forces (REF_energy/REF_forces, or plain energy/forces) are used as given and "
+        "must be at the campaign's level of theory; frames without are labelled by the campaign's reference "
+        "in iteration 0. Charge and multiplicity from each frame's info, else the system's.",
+    )
+
+
+class ChargeState(Strict):
+    """A total charge and spin multiplicity of the system's atoms."""
+
+    charge: int = Field(ge=-MAX_CHARGE, le=MAX_CHARGE, description="Total charge in e.")
+    multiplicity: int = Field(1, ge=1, le=2 * MAX_CHARGE, description="Spin multiplicity 2S+1.")
 
 
 class ExploreConfig(Strict):
@@ -340,6 +374,19 @@ class ExploreConfig(Strict):
     )
     max_steps: int | None = Field(
         None, ge=1, le=MAX_COUNT, description="Longest walker (MD steps) that growth may reach; None: no limit."
+    )
+    add_temperatures_K: list[Annotated[float, Field(gt=0, le=MAX_TEMPERATURE_K)]] = Field(
+        [],
+        description="Temperatures (K) the exploration grows into, one step at a time: after an iteration whose "
+        "walkers all ran to the end (no uncertainty stop), the next iteration's walkers also explore the next "
+        "temperature of this list (and the next charge state of add_charge_states, see there); walkers are "
+        "spread round-robin over the conditions unlocked so far.",
+    )
+    add_charge_states: list[ChargeState] = Field(
+        [],
+        description="Charge states (charge in e, multiplicity) of the same atoms the exploration grows into, "
+        "as add_temperatures_K: condition (i-th temperature, j-th charge state) is unlocked at growth level "
+        "i + j, the system's own charge state and explore.temperature_K being the 0th.",
     )
     temperature_ramp: float = Field(
         1.0,
@@ -457,7 +504,52 @@ class CampaignConfig(Strict):
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     explore: ExploreConfig = Field(default_factory=ExploreConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    test: TestSetConfig = Field(default_factory=TestSetConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @model_validator(mode="after")
+    def _conditions(self) -> CampaignConfig:
+        numbers = self.system.atoms().numbers
+        for k, state in enumerate(self.explore.add_charge_states):
+            problem = charge_state_problem(numbers, state.charge, state.multiplicity)
+            if problem:
+                raise ValueError(f"explore.add_charge_states.{k}: {problem}")
+            if (state.charge, state.multiplicity) == (self.system.charge, self.system.multiplicity):
+                raise ValueError(f"explore.add_charge_states.{k}: the system's own charge state is explored already")
+        n_conditions = (1 + len(self.explore.add_temperatures_K)) * (1 + len(self.explore.add_charge_states))
+        if self.explore.walkers < n_conditions:
+            raise ValueError(
+                f"explore.walkers ({self.explore.walkers}) is below the number of exploration conditions, "
+                f"{n_conditions} (temperatures x charge states): some would never be explored"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _test_set(self) -> CampaignConfig:
+        test = self.test
+        if self.bootstrap.n_test == 0 and test.held_out_per_iteration == 0 and test.file is None:
+            raise ValueError(
+                "the campaign has no test set: set bootstrap.n_test, test.held_out_per_iteration or test.file"
+            )
+        if test.file is not None:
+            self.test_structures()  # raises naming the file and frame
+        return self
+
+    def test_structures(self) -> tuple[list[Atoms], bool]:
+        """The frames of ``test.file`` (none without one) and whether they carry their own labels."""
+        if self.test.file is None:
+            return [], False
+        from ionflow.platform.dataset import read_test_structures
+
+        try:
+            return read_test_structures(
+                self.test.file,
+                self.system.charge,
+                self.system.multiplicity,
+                set(self.system.atoms().get_chemical_symbols()),
+            )
+        except ValueError as exc:
+            raise ValueError(f"test.file: {exc}") from None
 
     @field_validator("database_url")
     @classmethod
@@ -519,6 +611,9 @@ class CampaignConfig(Strict):
         for section, key in _SETTINGS_ADDED_LATER:
             if data[section][key] == type(getattr(self, section)).model_fields[key].default:
                 del data[section][key]
+        for section in _SECTIONS_ADDED_LATER:
+            if not data[section]:  # every key at its default: as if the section did not exist
+                del data[section]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -532,7 +627,14 @@ _SETTINGS_ADDED_LATER = (
     ("selection", "min_novelty"),
     ("explore", "growth"),
     ("explore", "max_steps"),
+    ("explore", "add_temperatures_K"),
+    ("explore", "add_charge_states"),
+    ("test", "held_out_per_iteration"),
+    ("test", "file"),
 )
+
+#: Sections whose every key is in :data:`_SETTINGS_ADDED_LATER`: left out whole at their defaults.
+_SECTIONS_ADDED_LATER = ("test",)
 
 
 class TrainFile(Strict):
@@ -608,10 +710,12 @@ def database_url_problem(url: str) -> str | None:
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    system = raw.get("system")
-    if isinstance(system, dict) and isinstance(system.get("structure"), str):
-        path = Path(system["structure"]).expanduser()
-        system["structure"] = str(path if path.is_absolute() else base / path)
+    """Paths in the file are relative to the file: ``system.structure`` and ``test.file``."""
+    for section, key in (("system", "structure"), ("test", "file")):
+        values = raw.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            path = Path(values[key]).expanduser()
+            values[key] = str(path if path.is_absolute() else base / path)
     return raw
 
 

@@ -236,3 +236,90 @@ def test_the_quickstart_file_validates_in_a_fresh_interpreter():
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "zundel-quickstart"
+
+
+def _zundel_frames(n: int, **info) -> list[Atoms]:
+    frames = []
+    for k in range(n):
+        atoms = Atoms(ZUNDEL["symbols"], positions=ZUNDEL["positions"])
+        atoms.positions[2, 2] += 0.01 * k
+        atoms.info.update(info)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("frames", "words"),
+    [
+        (lambda: [], ("cannot read", "Empty file")),
+        (
+            lambda: [Atoms("NaCl", positions=[[0, 0, 0], [0, 0, 2.4]])],
+            ("frame 0", "Cl, Na", "system's structure lacks"),
+        ),
+        (lambda: _zundel_frames(2, charge=1, multiplicity=2), ("frame 0", "charge/multiplicity")),
+        (lambda: _zundel_frames(2)[:1] + [Atoms(ZUNDEL["symbols"], positions=[[0, 0, 0]] * 7)], ("frame 1", "apart")),
+    ],
+)
+def test_test_file_problems_name_the_file_and_frame(tmp_path, frames, words):
+    path = tmp_path / "test.extxyz"
+    path.write_text("") if not frames() else write(path, frames())
+    if not frames() and words == ("cannot read", "Empty file"):
+        missing = config_error(tmp_path, lambda raw: raw.update(test={"file": "nowhere.extxyz"}))
+        assert "test.file: cannot read" in missing and "nowhere.extxyz" in missing
+    message = config_error(tmp_path, lambda raw: raw.update(test={"file": str(path)}))
+    assert "test.file" in message and str(path) in message
+    for word in words:
+        assert word in message, message
+
+
+def test_test_file_with_labels_on_some_frames_only(tmp_path):
+    from ionflow.platform.structures import labelled_copy
+
+    frames = _zundel_frames(3)
+    frames[1] = labelled_copy(frames[1], -100.0, [[0.0, 0.0, 0.0]] * 7)
+    write(tmp_path / "mixed.extxyz", frames)
+    message = config_error(tmp_path, lambda raw: raw.update(test={"file": "mixed.extxyz"}))
+    assert "frame 1 has reference energy and forces but frame 0 has not" in message
+
+
+def test_test_file_is_relative_to_the_campaign_file_and_may_carry_labels(tmp_path):
+    from ionflow.platform.structures import labelled_copy
+
+    (tmp_path / "data").mkdir()
+    frames = [labelled_copy(a, -100.0 - k, [[0.1, 0.0, 0.0]] * 7) for k, a in enumerate(_zundel_frames(2))]
+    write(tmp_path / "data" / "test.extxyz", frames)
+    raw = copy.deepcopy(BASE) | {"test": {"file": "data/test.extxyz"}, "bootstrap": {"n_test": 0}}
+    cfg = load_config(write_config(tmp_path, raw))
+    given, labelled = cfg.test_structures()
+    assert labelled and len(given) == 2
+    assert [a.info["REF_energy"] for a in given] == [-100.0, -101.0]
+    assert all(a.info["charge"] == 1 and a.info["multiplicity"] == 1 for a in given)  # the system's
+
+
+def test_a_campaign_needs_a_test_set(tmp_path):
+    message = config_error(tmp_path, lambda raw: raw.update(bootstrap={"n_test": 0}))
+    assert "no test set" in message and "test.held_out_per_iteration" in message
+    raw = copy.deepcopy(BASE) | {"bootstrap": {"n_test": 0}, "test": {"held_out_per_iteration": 2}}
+    assert load_config(write_config(tmp_path, raw)).test.held_out_per_iteration == 2
+
+
+def test_growth_conditions_are_checked(tmp_path):
+    states = {"add_charge_states": [{"charge": 1, "multiplicity": 2}]}  # H5O2+ has an even electron count
+    message = config_error(tmp_path, lambda raw: raw["explore"].update(walkers=4, **states))
+    assert "explore.add_charge_states.0" in message and "multiplicity" in message
+    own = {"add_charge_states": [{"charge": 1, "multiplicity": 1}]}
+    assert "already" in config_error(tmp_path, lambda raw: raw["explore"].update(walkers=4, **own))
+    few = {"add_temperatures_K": [400, 500], "add_charge_states": [{"charge": 0, "multiplicity": 2}]}
+    message = config_error(tmp_path, lambda raw: raw["explore"].update(walkers=4, **few))
+    assert "explore.walkers (4)" in message and "6" in message
+    message = config_error(tmp_path, lambda raw: raw["explore"].update(add_temperatures_K=[-5]))
+    assert "explore.add_temperatures_K.0" in message
+
+
+def test_new_sections_at_their_defaults_keep_the_science_hash(tmp_path):
+    plain = load_config(write_config(tmp_path, BASE))
+    raw = copy.deepcopy(BASE) | {"test": {"held_out_per_iteration": 0}}
+    raw["explore"] = dict(raw["explore"], add_temperatures_K=[], add_charge_states=[])
+    assert load_config(write_config(tmp_path, raw)).science_hash() == plain.science_hash()
+    raw["test"] = {"held_out_per_iteration": 1}
+    assert load_config(write_config(tmp_path, raw)).science_hash() != plain.science_hash()

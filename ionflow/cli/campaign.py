@@ -56,6 +56,24 @@ def validate(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -
     )
 
 
+#: How each test-set origin reads in the run's closing lines.
+TEST_ORIGIN_WORDS = {
+    "test": "rattled copies of the start",
+    "test-md": "held out from MD",
+    "test-file": "from test.file",
+}
+
+
+def test_set_note(iterations: list[dict]) -> str:
+    """``  (N structures: n held out from MD, ...)`` for the newest evaluated iteration, or ``""``."""
+    for row in reversed(iterations):
+        m = row.get("metrics") or {}
+        if m.get("test_n"):
+            parts = [f"{m[f'test_n_{o}']} {words}" for o, words in TEST_ORIGIN_WORDS.items() if m.get(f"test_n_{o}")]
+            return f"  ({m['test_n']} structures{': ' + ', '.join(parts) if parts else ''})"
+    return ""
+
+
 @app.command()
 def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> None:
     """Run a campaign, or resume it if it was interrupted."""
@@ -84,7 +102,7 @@ def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> Non
         console.print(f"  reference {outcome}" + (" (the rows' error column says why)" if set(counts) - {"ok"} else ""))
     console.print(f"  model     {summary['model']}")
     console.print(f"  dataset   {summary['dataset']}  (REF_energy / REF_forces, eV and eV/Å)")
-    console.print(f"  test set  {summary['test_set']}")
+    console.print(f"  test set  {summary['test_set']}{test_set_note(summary['iterations'])}")
     console.print(f"  learning  {summary['learning_curve']}  (test errors against labels and reference CPU time)")
     console.print(f"  database  {shown_url(summary['database_url'])}")
     console.print(f"  folder    {summary['folder']}")

@@ -30,6 +30,10 @@ _MAX_LINEAGE_DEPTH = 10_000
 #: Membership origins of structures a campaign only samples (MD frames, walker starts).
 CANDIDATE_ORIGINS = ("md", "md-start")
 
+#: Membership origins of the test set: bootstrap rattles (``test``), explored frames held out before
+#: selection (``test-md``, which keep their MD run), and structures from ``test.file`` (``test-file``).
+TEST_ORIGINS = ("test", "test-md", "test-file")
+
 
 def asked_to_label(campaign_id: int) -> ColumnElement[bool]:
     """Condition on :class:`CampaignStructure` rows of campaign ``campaign_id``: the campaign
@@ -370,24 +374,26 @@ def chosen_count(session: Session, iteration_id: int) -> int:
 
 def structures_to_label(session: Session, iteration: Iteration) -> list[Structure]:
     """Structures an iteration must have labels for (computed now or already), by id: the
-    bootstrap's training and test structures in iteration 0, the chosen MD frames after it."""
-    if iteration.index == 0:
-        query = (
-            select(Structure)
-            .join(CampaignStructure, CampaignStructure.structure_id == Structure.id)
-            .where(
-                CampaignStructure.campaign_id == iteration.campaign_id,
-                CampaignStructure.iteration_id == iteration.id,
-                CampaignStructure.origin.in_(("initial", "test")),
-            )
+    bootstrap's training structures and the test set's in iteration 0; after it, the chosen MD
+    frames and those held out for the test set."""
+    members = (
+        select(Structure)
+        .join(CampaignStructure, CampaignStructure.structure_id == Structure.id)
+        .where(
+            CampaignStructure.campaign_id == iteration.campaign_id,
+            CampaignStructure.iteration_id == iteration.id,
+            CampaignStructure.origin.in_(("initial", *TEST_ORIGINS)),
         )
-    else:
-        query = (
-            select(Structure)
-            .join(SelectionDecision, SelectionDecision.structure_id == Structure.id)
-            .where(SelectionDecision.iteration_id == iteration.id, SelectionDecision.chosen.is_(True))
-        )
-    return list(session.scalars(query.order_by(Structure.id)).all())
+    )
+    chosen = (
+        select(Structure)
+        .join(SelectionDecision, SelectionDecision.structure_id == Structure.id)
+        .where(SelectionDecision.iteration_id == iteration.id, SelectionDecision.chosen.is_(True))
+    )
+    rows = set(session.scalars(members).all())
+    if iteration.index > 0:
+        rows |= set(session.scalars(chosen).all())
+    return sorted(rows, key=lambda row: row.id)
 
 
 def usable_label_count(session: Session, campaign_id: int) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,7 +29,7 @@ from ionflow.db.models import (
     utcnow,
 )
 from ionflow.db.objects import ObjectStore
-from ionflow.db.queries import asked_to_label
+from ionflow.db.queries import TEST_ORIGINS, asked_to_label
 from ionflow.db.session import session_scope
 from ionflow.platform.structures import (
     charge_of,
@@ -288,13 +288,16 @@ def labelled_set(
     session: Session, store: ObjectStore, campaign_id: int, settings_hash: str, test: bool
 ) -> list[tuple[Calculation, Atoms]]:
     """Every usable label of the campaign at one level of theory: the test set (``test=True``:
-    members of origin ``test``) or the training pool (every other member the campaign asked
-    to label: MD candidates only once it chose them, see
+    members of an origin in :data:`~ionflow.db.queries.TEST_ORIGINS`) or the training pool (every
+    other member the campaign asked to label: MD candidates only once it chose them, see
     :func:`~ionflow.db.queries.asked_to_label`). A calculation that another campaign sharing
-    the database made counts as the campaign's own; unconverged and failed ones never appear."""
-    origin_clause = CampaignStructure.origin == "test" if test else CampaignStructure.origin != "test"
+    the database made counts as the campaign's own; unconverged and failed ones never appear.
+    Each frame's ``info["origin"]`` says how it joined the campaign."""
+    origin_clause = (
+        CampaignStructure.origin.in_(TEST_ORIGINS) if test else CampaignStructure.origin.not_in(TEST_ORIGINS)
+    )
     rows = session.execute(
-        select(Calculation, Structure)
+        select(Calculation, Structure, CampaignStructure.origin)
         .join(Structure, Calculation.structure_id == Structure.id)
         .join(CampaignStructure, CampaignStructure.structure_id == Structure.id)
         .where(
@@ -306,7 +309,12 @@ def labelled_set(
         )
         .order_by(Calculation.id)
     ).all()
-    return [(calc, labelled_atoms(store, struct, calc)) for calc, struct in rows]
+    out = []
+    for calc, struct, origin in rows:
+        atoms = labelled_atoms(store, struct, calc)
+        atoms.info["origin"] = origin
+        out.append((calc, atoms))
+    return out
 
 
 def record_md_run(session: Session, **columns: Any) -> MDRun:
@@ -315,6 +323,22 @@ def record_md_run(session: Session, **columns: Any) -> MDRun:
     session.add(run)
     session.flush()
     return run
+
+
+def move_to_test_set(session: Session, campaign_id: int, iteration_id: int, structure_ids: list[int]) -> None:
+    """Hold out MD frames an iteration sampled for the campaign's test set: their membership's
+    origin becomes ``test-md`` (iteration and MD run kept), before any selection decision."""
+    if structure_ids:
+        session.execute(
+            update(CampaignStructure)
+            .where(
+                CampaignStructure.campaign_id == campaign_id,
+                CampaignStructure.iteration_id == iteration_id,
+                CampaignStructure.origin == "md",
+                CampaignStructure.structure_id.in_(structure_ids),
+            )
+            .values(origin="test-md")
+        )
 
 
 def record_decision(session: Session, **columns: Any) -> SelectionDecision:

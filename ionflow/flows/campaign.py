@@ -155,7 +155,9 @@ def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict
         rows = iteration_table(session, campaign_id)
     name = ctx.config.name
     report.console.print(report.iteration_table(rows, f"{name}: after iteration {index}"))
-    report.learning_curve(rows, ctx.folder / LEARNING_CURVE, f"{name}: test errors")
+    n_test = (rows[index]["metrics"] or {}).get("current_test_n")
+    where = f"the test set as it is after iteration {index} ({n_test} structures)" if n_test else "the test set"
+    report.learning_curve(rows, ctx.folder / LEARNING_CURVE, f"{name}: every model's errors on {where}")
     row = rows[index]
     keys = ("n_labels", "n_training_labels", "reference_cpu_s", "n_selected", "model_version")
     quantities = {**{k: row[k] for k in keys}, **row["metrics"]}
@@ -172,8 +174,9 @@ def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict
                 "iteration": r["index"],
                 "labels trained on": r["n_training_labels"],
                 "reference CPU s": round(r["reference_cpu_s"], 1),
-                "test energy RMSE meV/atom": _milli(r["metrics"].get("test_energy_rmse")),
-                "test force RMSE eV/Å": r["metrics"].get("test_forces_rmse"),
+                "test energy RMSE meV/atom": _milli(report.test_errors(r["metrics"])[0]),
+                "test force RMSE eV/Å": report.test_errors(r["metrics"])[1],
+                "test structures": r["metrics"].get("current_test_n", r["metrics"].get("test_n")),
             }
             for r in rows
             if r["model_version"] is not None

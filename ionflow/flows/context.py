@@ -75,6 +75,7 @@ _TEST_SET_OFFSET = 10_000  # bootstrap test rattles: seed + this (training rattl
 _WALKER_START_PRIME = 7919  # fresh walker starts of iteration i: seed * this + i
 _MD_PRIME = 104729  # Langevin noise of iteration i: seed * this + i
 _SELECTION_PRIME = 1299709  # random selection of iteration i: seed * this + i
+_HELD_OUT_PRIME = 15485863  # explored frames held out for the test set in iteration i: seed * this + i
 
 
 def bootstrap_seeds(seed: int) -> tuple[int, int]:
@@ -95,6 +96,11 @@ def md_seed(seed: int, index: int) -> int:
 def selection_seed(seed: int, index: int) -> int:
     """Seed of the random selection strategy's draw in iteration ``index``."""
     return seed * _SELECTION_PRIME + index
+
+
+def held_out_seed(seed: int, index: int) -> int:
+    """Seed of the draw of explored frames held out for the test set in iteration ``index``."""
+    return seed * _HELD_OUT_PRIME + index
 
 
 def training_seed(seed: int, index: int) -> int:

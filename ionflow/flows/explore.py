@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from ase import Atoms
 from prefect import get_run_logger, task
 from sqlalchemy.orm import Session
 
+from ionflow.config import CampaignConfig
 from ionflow.db import session_scope
 from ionflow.db.queries import md_runs_of_iteration, newest_model
 from ionflow.db.records import add_structure, iteration_row, record_md_run
@@ -17,7 +19,7 @@ from ionflow.flows.context import Context, context, md_seed, reached, walker_sta
 from ionflow.flows.report import stage
 from ionflow.platform.device import pick_device
 from ionflow.platform.md import run_walkers
-from ionflow.platform.structures import rattled, read_structures, write_extxyz
+from ionflow.platform.structures import charge_of, multiplicity_of, rattled, read_structures, write_extxyz
 
 
 def walker_steps(ctx: Context, session: Session, campaign_id: int, index: int) -> int:
@@ -35,24 +37,74 @@ def walker_steps(ctx: Context, session: Session, campaign_id: int, index: int) -
     return steps if cfg.max_steps is None else min(steps, cfg.max_steps)
 
 
-def walker_starts(ctx: Context, session: Session, campaign_id: int, index: int) -> list[Atoms]:
+@dataclass(frozen=True)
+class Condition:
+    """What one walker explores: a thermostat temperature (K, before ``temperature_ramp``) and a
+    charge state of the system's atoms."""
+
+    temperature_K: float
+    charge: int
+    multiplicity: int
+
+    def __str__(self) -> str:
+        return f"{self.temperature_K:g} K, charge {self.charge:+d}, multiplicity {self.multiplicity}"
+
+
+def conditions(cfg: CampaignConfig, level: int) -> list[Condition]:
+    """The conditions unlocked at growth ``level``: (i-th temperature, j-th charge state) with
+    i + j <= level, the 0th being ``explore.temperature_K`` and the system's charge state."""
+    temperatures = [cfg.explore.temperature_K, *cfg.explore.add_temperatures_K]
+    states = [(cfg.system.charge, cfg.system.multiplicity)]
+    states += [(s.charge, s.multiplicity) for s in cfg.explore.add_charge_states]
+    return [Condition(t, q, m) for i, t in enumerate(temperatures) for j, (q, m) in enumerate(states) if i + j <= level]
+
+
+def max_level(cfg: CampaignConfig) -> int:
+    """The growth level at which every condition is unlocked."""
+    return len(cfg.explore.add_temperatures_K) + len(cfg.explore.add_charge_states)
+
+
+def growth_level(ctx: Context, session: Session, campaign_id: int, index: int) -> int:
+    """The growth level of iteration ``index``: 0 at first; one more after an iteration whose
+    walkers all ran to the end (no uncertainty stop), up to :func:`max_level`. Read from the
+    database (the previous iteration's level and MD runs), so a resumed campaign agrees."""
+    previous = md_runs_of_iteration(session, campaign_id, index - 1)
+    if not previous:
+        return 0
+    level = int((iteration_row(session, campaign_id, index - 1).metrics or {}).get("explore_level", 0))
+    if all(run.stop_reason == "completed" for run in previous):
+        level += 1
+    return min(level, max_level(ctx.config))
+
+
+def walker_conditions(cfg: CampaignConfig, level: int) -> list[Condition]:
+    """One condition per walker: the unlocked ones, round-robin (every one has a walker, since the
+    configuration has at least as many walkers as conditions)."""
+    unlocked = conditions(cfg, level)
+    return [unlocked[w % len(unlocked)] for w in range(cfg.explore.walkers)]
+
+
+def walker_starts(
+    ctx: Context, session: Session, campaign_id: int, index: int, assigned: list[Condition]
+) -> list[Atoms]:
     """Each walker continues from its last trusted frame of the previous iteration when it
-    ran to completion; otherwise (first iteration, or it was stopped) from a fresh rattle."""
+    ran to completion in the same charge state; otherwise (first iteration, it was stopped, or
+    its charge state changed) from a fresh rattle of the starting structure."""
     cfg = ctx.config
     fresh = rattled(
         cfg.system.atoms(), cfg.explore.walkers, cfg.explore.start_rattle_stdev, seed=walker_start_seed(cfg.seed, index)
     )
     by_walker = {run.walker: run for run in md_runs_of_iteration(session, campaign_id, index - 1)}
     starts = []
-    for w in range(cfg.explore.walkers):
+    for w, condition in enumerate(assigned):
         run = by_walker.get(w)
+        start = fresh[w]
         if run is not None and run.stop_reason == "completed" and run.trajectory_path:
-            frames = read_structures(ctx.store.path(run.trajectory_path))
-            starts.append(frames[-1])
-        else:
-            starts.append(fresh[w])
-    for atoms in starts:
-        atoms.info = {"charge": cfg.system.charge, "multiplicity": cfg.system.multiplicity}
+            last = read_structures(ctx.store.path(run.trajectory_path))[-1]
+            if (charge_of(last), multiplicity_of(last)) == (condition.charge, condition.multiplicity):
+                start = last
+        start.info = {"charge": condition.charge, "multiplicity": condition.multiplicity}
+        starts.append(start)
     return starts
 
 
@@ -70,16 +122,20 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
         if model is None:
             raise RuntimeError(f"iteration {index} has no model to explore with")
         ensemble = ctx.load(model).to(pick_device())  # a GPU worker's GPU, if it has one
-        starts = walker_starts(ctx, session, campaign_id, index)
+        level = growth_level(ctx, session, campaign_id, index)
+        assigned = walker_conditions(ctx.config, level)
+        starts = walker_starts(ctx, session, campaign_id, index, assigned)
         steps = walker_steps(ctx, session, campaign_id, index)
-        temperature = cfg.temperature_K * cfg.temperature_ramp ** (index - 1)
-        with stage(f"explore: {cfg.walkers} walkers, {temperature:.0f} K", steps) as update:
+        ramp = cfg.temperature_ramp ** (index - 1)
+        temperatures = [c.temperature_K * ramp for c in assigned]
+        kelvin = "/".join(f"{t:.0f}" for t in sorted(set(temperatures)))
+        with stage(f"explore: {cfg.walkers} walkers, {kelvin} K", steps) as update:
             walkers = run_walkers(
                 ensemble,
                 starts,
                 steps=steps,
                 timestep_fs=cfg.timestep_fs,
-                temperature_K=temperature,
+                temperature_K=temperatures,
                 friction_per_fs=cfg.friction_per_fs,
                 sample_every=cfg.sample_every,
                 stop_uncertainty=cfg.stop_uncertainty,
@@ -104,7 +160,7 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
                 model_id=model.id,
                 start_structure_id=start_row.id,
                 walker=w.walker,
-                temperature_K=temperature,
+                temperature_K=temperatures[w.walker],
                 timestep_fs=cfg.timestep_fs,
                 n_steps_requested=steps,
                 n_steps_done=w.n_steps_done,
@@ -122,7 +178,9 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             "explored_force_std_mean": float(sum(scores) / len(scores)) if scores else None,
             "explored_force_std_max": float(max(scores)) if scores else None,
             "walkers_stopped": sum(w.stop_reason != "completed" for w in walkers),
-            "temperature_K": temperature,
+            "temperature_K": max(temperatures),
+            "explore_level": level,
+            "conditions": sorted({str(c) for c in assigned}),
             "walker_steps": steps,
             "walker_time_fs": steps * cfg.timestep_fs,
         }
@@ -141,21 +199,27 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
 
 
 def fit_for_md(config_path: str, campaign_id: int, index: int) -> str | None:
-    """The stop reason when the model is fit for MD (``fit_for_md_steps``): every walker of
-    iteration ``index`` ran at least that many steps without an uncertainty stop; else None."""
+    """The stop reason when the model is fit for MD (``fit_for_md_steps``): every condition
+    (temperature, charge state) is unlocked and every walker of iteration ``index`` ran at least
+    that many steps without an uncertainty stop; else None."""
     ctx = context(config_path)
     target = ctx.config.fit_for_md_steps
     if target is None:
         return None
     with session_scope(ctx.sessions) as session:
         runs = md_runs_of_iteration(session, campaign_id, index)
+        metrics = iteration_row(session, campaign_id, index).metrics or {}
+        if metrics.get("explore_level", 0) < max_level(ctx.config):
+            return None
         if not runs or not all(r.stop_reason == "completed" and r.n_steps_done >= target for r in runs):
             return None
         shortest = min(r.n_steps_done for r in runs)
         temperatures = sorted({round(r.temperature_K) for r in runs})
         fs = shortest * runs[0].timestep_fs
     kelvin = "/".join(str(t) for t in temperatures)
+    states = len(ctx.config.explore.add_charge_states) + 1
+    where = f"at {kelvin} K" + (f" in {states} charge states" if states > 1 else "")
     return (
-        f"fit for MD: all {len(runs)} walkers ran {shortest} steps ({fs / 1000:g} ps) at {kelvin} K "
+        f"fit for MD: all {len(runs)} walkers ran {shortest} steps ({fs / 1000:g} ps) {where} "
         f"without an uncertainty stop (fit_for_md_steps {target})"
     )

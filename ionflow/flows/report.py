@@ -45,9 +45,19 @@ def stage(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
 CAPTION = (
     "labels: reference labels so far (test set included); fit: labels the model was trained on; CPU: CPU "
     "time of the reference calculations so far; new: frames selected this iteration; E (meV/atom), F (eV/Å): "
-    "test-set RMSE of energy per atom and forces; σF: calibrated per-atom force spread (predicted error, eV/Å) "
-    "over explored frames, mean (σF) and max"
+    "RMSE of energy per atom and forces of each iteration's model on the test set as it is now (every model is "
+    "evaluated again as the set grows); σF: calibrated per-atom force spread (predicted error, eV/Å) over "
+    "explored frames, mean (σF) and max"
 )
+
+
+def test_errors(metrics: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(energy RMSE eV/atom, force RMSE eV/Å) of an iteration's model on the current test set,
+    else on the test set of its own time, else None."""
+    for prefix in ("current_test_", "test_"):
+        if metrics.get(prefix + "forces_rmse") is not None:
+            return metrics.get(prefix + "energy_rmse"), metrics[prefix + "forces_rmse"]
+    return None, None
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -63,7 +73,7 @@ def _duration(seconds: float | None) -> str:
 def learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Test errors against labels trained on and against reference CPU time, one point per
     evaluated iteration, as a PNG at ``path``; None when no iteration has test errors yet."""
-    points = [r for r in rows if (r.get("metrics") or {}).get("test_forces_rmse") is not None]
+    points = [r for r in rows if test_errors(r.get("metrics") or {})[1] is not None]
     if not points:
         return None
     import matplotlib
@@ -71,8 +81,9 @@ def learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path |
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    forces = [r["metrics"]["test_forces_rmse"] for r in points]
-    energies = [1000 * r["metrics"]["test_energy_rmse"] for r in points]
+    errors = [test_errors(r["metrics"]) for r in points]
+    forces = [f for _, f in errors]
+    energies = [1000 * e for e, _ in errors]
     cpu = [r.get("reference_cpu_s") or 0.0 for r in points]
     hours = max(cpu) >= 3600
     axes_x = [
@@ -107,7 +118,7 @@ def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
         table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
         m = row.get("metrics") or {}
-        e = m.get("test_energy_rmse")
+        e, f = test_errors(m)
         table.add_row(
             str(row["index"]),
             row["status"],
@@ -116,7 +127,7 @@ def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
             _duration(row.get("reference_cpu_s")),
             "-" if row["index"] == 0 else str(row["n_selected"]),
             _fmt(None if e is None else 1000 * e, ".1f"),
-            _fmt(m.get("test_forces_rmse"), ".3f"),
+            _fmt(f, ".3f"),
             _fmt(m.get("explored_force_std_mean"), ".3f"),
             _fmt(m.get("explored_force_std_max"), ".3f"),
             "-" if row.get("model_version") is None else f"v{row['model_version']}",

@@ -18,10 +18,17 @@ from ionflow.db.queries import (
     md_runs_of_iteration,
     newest_model,
 )
-from ionflow.db.records import iteration_row, labelled_set, record_decision
-from ionflow.flows.context import Context, context, reached, selection_seed
+from ionflow.db.records import iteration_row, labelled_set, move_to_test_set, record_decision
+from ionflow.flows.context import Context, context, held_out_seed, reached, selection_seed
 from ionflow.platform.device import pick_device
-from ionflow.platform.selection import Decision, nothing_chosen, select_diverse, select_random
+from ionflow.platform.selection import (
+    HELD_OUT,
+    Decision,
+    hold_out,
+    nothing_chosen,
+    select_diverse,
+    select_random,
+)
 from ionflow.platform.selection import select as select_frames
 from ionflow.platform.structures import read_structures, structure_hash
 
@@ -45,8 +52,14 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
         frame_of = {structure_hash(f): f for f in frames}
         candidates = [row for row, _ in rows if row.hash in frame_of]
         cand_frames = [frame_of[row.hash] for row in candidates]
-        decisions = decide(ctx, session, campaign_id, index, cand_frames)
-        for d in decisions:
+        held = hold_out_for_test(ctx, session, campaign_id, it.id, index, candidates, cand_frames)
+        rest = [i for i in range(len(candidates)) if i not in set(held)]
+        decisions = [Decision(i, cand_frames[i].info["force_std_max"], False, HELD_OUT) for i in held]
+        decisions += [
+            Decision(rest[d.index], d.score, d.chosen, d.reason)
+            for d in decide(ctx, session, campaign_id, index, [cand_frames[i] for i in rest])
+        ]
+        for d in sorted(decisions, key=lambda d: d.index):
             row, frame = candidates[d.index], cand_frames[d.index]
             record_decision(
                 session,
@@ -60,7 +73,7 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
                 reason=d.reason,
             )
         chosen = sum(d.chosen for d in decisions)
-        it.metrics = dict(it.metrics or {}, candidates=len(decisions), selected=chosen)
+        it.metrics = dict(it.metrics or {}, candidates=len(decisions), selected=chosen, held_out=len(held))
         it.status = "selected"
         get_run_logger().info(
             "iteration %d: %d of %d candidate frames selected for labelling (%s)",
@@ -70,6 +83,27 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
             cfg.strategy,
         )
         return chosen
+
+
+def hold_out_for_test(
+    ctx: Context,
+    session: Session,
+    campaign_id: int,
+    iteration_id: int,
+    index: int,
+    candidates: list,
+    frames: list[Atoms],
+) -> list[int]:
+    """Move ``test.held_out_per_iteration`` of the iteration's candidate frames, drawn uniformly,
+    into the test set (membership origin ``md`` -> ``test-md``, MD run kept); return their indices."""
+    n = ctx.config.test.held_out_per_iteration
+    if n == 0 or not frames:
+        return []
+    known = [a for _, a in labelled_set(session, ctx.store, campaign_id, ctx.adapter.settings_hash, test=False)]
+    known += [a for _, a in labelled_set(session, ctx.store, campaign_id, ctx.adapter.settings_hash, test=True)]
+    held = hold_out(frames, n, held_out_seed(ctx.config.seed, index), labelled=known)
+    move_to_test_set(session, campaign_id, iteration_id, [candidates[i].id for i in held])
+    return held
 
 
 def decide(ctx: Context, session: Session, campaign_id: int, index: int, frames: list[Atoms]) -> list[Decision]:

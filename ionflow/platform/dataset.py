@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,10 @@ from ionflow.platform.structures import (
     charge_state_problem,
     dipole_about_centre_of_mass,
     multiplicity_of,
+    overlap_problem,
+    read_structures,
     structure_hash,
+    with_reference_labels,
 )
 
 #: Hex digits of sha256(structure hash) that make a structure's bucket (32 bits: 4e9 buckets).
@@ -172,6 +176,53 @@ def dataset_problem(frames: Sequence[Atoms]) -> str | None:
         if dipole is not None and np.asarray(dipole).size != 3:
             return f"{where}: {REF_PREFIX}dipole must have 3 components"
     return None
+
+
+def read_test_structures(
+    path: str | Path, charge: int, multiplicity: int, elements: set[str]
+) -> tuple[list[Atoms], bool]:
+    """The structures of a test-set file and whether they carry labels (all of them, or none).
+
+    Frames without ``charge``/``multiplicity`` in ``info`` get ``charge``/``multiplicity``.
+    Raises ``ValueError`` naming the file's first unusable frame (0-based): an unreadable file,
+    a mix of labelled and unlabelled frames, an element outside ``elements`` (the model could
+    not predict it), an impossible charge state, overlapping atoms, or bad labels.
+    """
+    try:
+        frames = [with_reference_labels(a) for a in read_structures(path)]
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not frames:
+        raise ValueError(f"{path} holds no structures")
+    has_labels = [REF_PREFIX + "energy" in a.info and REF_PREFIX + "forces" in a.arrays for a in frames]
+    if any(has_labels) and not all(has_labels):
+        raise ValueError(
+            f"{path}: frame {has_labels.index(True)} has reference energy and forces but frame "
+            f"{has_labels.index(False)} has not; label every frame or none (unlabelled ones are labelled by the "
+            "campaign's reference)"
+        )
+    for k, atoms in enumerate(frames):
+        where = f"{path}: frame {k} ({atoms.get_chemical_formula()})"
+        atoms.info.setdefault("charge", charge)
+        atoms.info.setdefault("multiplicity", multiplicity)
+        foreign = sorted(set(atoms.get_chemical_symbols()) - elements)
+        if foreign:
+            raise ValueError(
+                f"{where} holds {', '.join(foreign)}, which the system's structure lacks: the model cannot predict it"
+            )
+        problem = overlap_problem(atoms)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+    problem = dataset_problem(frames) if all(has_labels) else None
+    if problem is None and not all(has_labels):
+        for k, atoms in enumerate(frames):
+            bad = charge_state_problem(atoms.numbers, charge_of(atoms), multiplicity_of(atoms))
+            if bad:
+                problem = f"frame {k} ({atoms.get_chemical_formula()}): charge/multiplicity: {bad}"
+                break
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return frames, all(has_labels)
 
 
 # --- the train/validation split -----------------------------------------------------------------

@@ -86,14 +86,15 @@ def run_walkers(
     starts: Sequence[Atoms],
     steps: int,
     timestep_fs: float,
-    temperature_K: float,
+    temperature_K: float | Sequence[float],
     friction_per_fs: float,
     sample_every: int,
     stop_uncertainty: float,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[WalkerResult]:
-    """Run one Langevin walker from each of ``starts`` for up to ``steps`` steps."""
+    """Run one Langevin walker from each of ``starts`` for up to ``steps`` steps, at
+    ``temperature_K`` (K; one for all, or one per walker)."""
     t0 = time.perf_counter()
     templates = [s.copy() for s in starts]
     for t in templates:
@@ -109,15 +110,29 @@ def run_walkers(
     calc = _WalkersCalculator(ensemble, templates)
     system.calc = calc
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(system, temperature_K=temperature_K, rng=rng)
+    per_walker = np.broadcast_to(np.asarray(temperature_K, dtype=float), (len(templates),))
+    if len(set(per_walker.tolist())) == 1:
+        MaxwellBoltzmannDistribution(system, temperature_K=float(per_walker[0]), rng=rng)
+    else:
+        momenta = []
+        for w, t in enumerate(templates):
+            part = t.copy()
+            MaxwellBoltzmannDistribution(part, temperature_K=float(per_walker[w]), rng=rng)
+            momenta.append(part.get_momenta())
+        system.set_momenta(np.concatenate(momenta))
     dyn = Langevin(
         system,
         timestep=timestep_fs * units.fs,
-        temperature_K=temperature_K,
+        temperature_K=float(per_walker[0]),
         friction=friction_per_fs / units.fs,
         fixcm=False,
         rng=rng,
     )
+    if len(set(per_walker.tolist())) > 1:
+        # ASE's Langevin thermostat acts per atom (its noise scales with kT/m): one kT per atom
+        sizes = [len(t) for t in templates]
+        dyn.temp = units.kB * np.repeat(per_walker, sizes)[:, None]
+        dyn.updatevars()
 
     n = len(templates)
     active = np.ones(n, dtype=bool)

@@ -84,6 +84,7 @@ def descriptor_distance(a: tuple[str, np.ndarray], b: tuple[str, np.ndarray]) ->
 
 def nothing_chosen(decisions: Sequence[Decision]) -> str:
     """Why a campaign stops when an iteration chose no frame, from that iteration's decisions."""
+    decisions = [d for d in decisions if d.reason != HELD_OUT]
     if not decisions:
         return "stopped: exploration produced no candidate frame"
     kinds = {"trusted": 0, "above ceiling": 0, "other": 0}
@@ -106,6 +107,20 @@ def nothing_chosen(decisions: Sequence[Decision]) -> str:
 
 
 LABELLED = "already labelled (same structure hash)"
+
+#: Reason of a frame held out for the test set before selection (see :func:`hold_out`).
+HELD_OUT = "held out for the test set (drawn uniformly before selection; never trained on)"
+
+
+def hold_out(frames: Sequence[Atoms], n: int, seed: int, labelled: Sequence[Atoms] = ()) -> list[int]:
+    """Indices of ``n`` frames drawn uniformly, from ``seed``, among those not yet labelled (same
+    structure hash), in increasing order: the test set's share of an iteration's explored frames,
+    taken before any strategy looks at them, so it represents what the MD met, not what a
+    strategy prefers."""
+    known = {structure_hash(a) for a in labelled}
+    fresh = [i for i, a in enumerate(frames) if structure_hash(a) not in known]
+    drawn = np.random.default_rng(seed).permutation(len(fresh))[:n]
+    return sorted(fresh[int(k)] for k in drawn)
 
 
 def _outside_window(score: float, threshold: float, ceiling: float) -> str | None:

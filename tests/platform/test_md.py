@@ -86,3 +86,20 @@ def test_unphysical_walker_stops_and_others_run_on(trained, h3o_labelled):
     np.testing.assert_array_equal(results[0].last.positions, crushed.positions)
     assert results[1].stop_reason == "completed" and results[1].n_steps_done == 10
     assert [f.info["md_step"] for f in results[1].frames] == [5, 10]
+
+
+def test_each_walker_has_its_own_temperature(trained, h3o_labelled):
+    """One thermostat per walker: from the same start in the same 10 fs (strong friction, so the
+    thermostat dominates), a walker at 3000 K moves several times further than one at 1 K, while two
+    walkers at 1 K move alike (the start is off the model's minimum, so they move too)."""
+    start = h3o_labelled[0]
+
+    def moved(temperatures):
+        md = dict(MD, temperature_K=temperatures, friction_per_fs=0.5)
+        runs = run_walkers(trained[0], [start, start], steps=20, stop_uncertainty=1e3, seed=4, **md)
+        return [np.linalg.norm(r.last.positions - start.positions, axis=1).mean() for r in runs]
+
+    cold, hot = moved([1.0, 3000.0])
+    assert hot > 3 * cold, (cold, hot)
+    first, second = moved([1.0, 1.0])
+    assert abs(first - cold) < 0.01 and abs(second - first) < 0.2 * first, (first, second)
