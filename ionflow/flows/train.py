@@ -1,4 +1,6 @@
-"""The train step: a new model version fitted on every label so far, refined from the previous one."""
+"""The train step: a new model version fitted on every label so far, refined from the previous one
+(or, with ``training.from_scratch``, trained afresh; ``parent_id`` records the previous version
+either way, and the hyper-parameters say which)."""
 
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
         flags = validation_flags([atoms.info["structure_hash"] for _, atoms in pool], cfg.training.valid_fraction)
         train = [a for (_, a), held_out in zip(pool, flags) if not held_out]
         valid = [a for (_, a), held_out in zip(pool, flags) if held_out]
-        parent = newest_model(session, campaign_id, before_index=index)
+        parent = newest_model(session, campaign_id, before_index=index)  # the version this one follows
+        refine = parent is not None and not cfg.training.from_scratch
         training = cfg.training.settings()
-        epochs = training.finetune_epochs if parent is not None else training.epochs
+        epochs = training.finetune_epochs if refine else training.epochs
         kind = "heads" if cfg.model.uncertainty == "shallow" else "members"
         with stage(f"train: {cfg.model.ensemble_size} {kind}, {len(train)}+{len(valid)} labels", epochs) as update:
             ensemble, report = train_ensemble(
@@ -46,7 +49,7 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
                 cfg.model.settings(),
                 training,
                 seed=training_seed(cfg.seed, index),
-                parent=ctx.load(parent) if parent is not None else None,
+                parent=ctx.load(parent) if refine else None,
                 progress=update,
             )
         path = save_model(ensemble, ctx.folder / "models" / f"model-v{index}.pt")
@@ -76,6 +79,6 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
             len(valid),
             report.wall_time_s,
             epochs,
-            f", from v{parent.version}" if parent else "",
+            (f", refined from v{parent.version}" if refine else ", from scratch") if parent else "",
         )
         return model.id

@@ -1,6 +1,7 @@
 """Test sets that represent the MD the model meets, through real (tiny) tblite campaigns: explored
 frames held out before selection, a test file labelled by the campaign or used with its own labels,
-never an overlap with training; and exploration that grows into more temperatures and charge states."""
+never an overlap with training; exploration that grows into more temperatures and charge states;
+models retrained from scratch (``training.from_scratch``)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_held_out_frames_and_file_form_a_test_set_that_never_trains(tmp_path, pr
     config = tiny_campaign(
         tmp_path,
         iterations=2,
-        training=FAST,
+        training=dict(FAST, from_scratch=True),
         bootstrap={"n_test": 0},
         test={"held_out_per_iteration": 2, "file": "given.extxyz"},
         explore={"walkers": 4, "add_temperatures_K": [500.0], "add_charge_states": [{"charge": 0, "multiplicity": 2}]},
@@ -110,6 +111,12 @@ def test_held_out_frames_and_file_form_a_test_set_that_never_trains(tmp_path, pr
         ).all()
         assert neutral
     assert [m["explore_level"] for m in metrics[1:]] == [0, 1]
+    # training.from_scratch: every version trained afresh (epochs, not finetune_epochs); lineage kept
+    with open_db(path) as session:
+        models = session.scalars(select(Model).order_by(Model.version)).all()
+        assert [m.metrics["train"]["from_parent"] for m in models] == [False] * 3
+        assert [m.metrics["train"]["epochs"] for m in models] == [FAST["epochs"]] * 3
+        assert [m.parent_id for m in models[1:]] == [m.id for m in models[:-1]]
 
 
 def test_a_labelled_test_file_is_used_as_given(tmp_path, prefect_server):
