@@ -9,8 +9,8 @@ forces: tblite GFN2-xTB at an electronic temperature of 3000 K (at 300 K the SCF
 separated Na+…Cl- and OH-…H3O+ pairs does not converge; at 3000 K their charges are
 fractional, ~±0.45-0.85 e, and shrink with distance). The same split trains committees
 (2 members, r_max 3.5 Å, otherwise the default backbone) with ``electrostatics`` none,
-equilibrated and polarisable; test errors of the committee mean are compared.
-Usage: python benchmarks/electrostatics_accuracy.py [--per-system 60] [--epochs 150]
+equilibrated, polarisable and qeq (``--modes`` picks); test errors of the committee mean are compared.
+Usage: python benchmarks/electrostatics_accuracy.py [--per-system 60] [--epochs 150] [--modes none qeq]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--learning-rate", type=float, default=2e-2)
     parser.add_argument("--energy-weight", type=float, default=1.0)
-    parser.add_argument("--modes", nargs="+", default=["none", "equilibrated", "polarisable"])
+    parser.add_argument("--modes", nargs="+", default=["none", "equilibrated", "polarisable", "qeq"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -217,10 +217,12 @@ class ModelConfig(Strict):
     num_bessel: int = Field(8, ge=2, le=16, description="Radial Bessel functions.")
     num_polynomial_cutoff: int = Field(5, ge=2, le=10, description="Order of the smooth cutoff envelope.")
     dtype: Literal["float32", "float64"] = Field("float64", description="Floating point precision.")
-    electrostatics: Literal["none", "latent", "equilibrated", "polarisable"] = Field(
+    electrostatics: Literal["none", "latent", "equilibrated", "polarisable", "qeq"] = Field(
         "equilibrated",
         description="Long-range head: none (local only), latent (uniform charge shift), equilibrated "
-        "(Fukui equilibration per spin channel) or polarisable (charges see their potential).",
+        "(Fukui equilibration per spin channel), polarisable (charges see their potential) or qeq (charge "
+        "equilibration: learned electronegativity and hardness, charges from one linear solve over the whole "
+        "structure, so they respond to atoms beyond the cutoff; periodic cells up to 1000 atoms).",
     )
     charge_width: float = Field(1.0, gt=0.1, le=5.0, description="Width σ (Å) of each atom's Gaussian charge.")
     polarisation_steps: int = Field(2, ge=1, le=3, description="Fixed polarisation updates (polarisable only).")

@@ -24,7 +24,9 @@ def train(
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Model file to write (.pt)."),
     config: Path | None = typer.Option(None, "--config", help="YAML with 'model:' and 'training:' sections."),
-    electrostatics: str | None = typer.Option(None, help="Long-range head: none, latent, equilibrated, polarisable."),
+    electrostatics: str | None = typer.Option(
+        None, help="Long-range head: none, latent, equilibrated, polarisable, qeq."
+    ),
     uncertainty: str | None = typer.Option(
         None, help="committee (independent members) or shallow (one backbone, K heads)."
     ),

@@ -30,7 +30,7 @@ class ModelSettings:
     num_bessel: int  # radial Bessel functions
     num_polynomial_cutoff: int  # order of the smooth cutoff envelope
     dtype: str  # "float32" or "float64"
-    electrostatics: str  # "none", "latent", "equilibrated" or "polarisable"
+    electrostatics: str  # "none", "latent", "equilibrated", "polarisable" or "qeq"
     charge_width: float  # Å, width σ of each atom's Gaussian charge
     polarisation_steps: int  # fixed polarisation updates (polarisable only)
 

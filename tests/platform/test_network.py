@@ -13,7 +13,7 @@ from ionflow.config import ModelConfig
 from ionflow.platform.model import Ensemble, ModelSpec, build_batch, build_ensemble
 from ionflow.platform.model.electrostatics import COULOMB_CONSTANT
 
-MODES = ["none", "latent", "equilibrated", "polarisable"]
+MODES = ["none", "latent", "equilibrated", "polarisable", "qeq"]
 
 
 KINDS = ["committee", "shallow"]
@@ -107,7 +107,7 @@ def test_energy_invariant_under_rotation_translation_permutation(mode, kind):
         assert torch.allclose(energy_and_forces(c, [other])["energy"].detach(), e0, atol=1e-8)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "qeq"])  # qeq's charges follow r: test_qeq.py
 def test_ions_far_beyond_the_cutoff_interact_as_charges(mode):
     # Na and Cl 12 and 24 Å apart, far beyond the 4 Å cutoff: only the Coulomb term can tell.
     c = ensemble(mode)
@@ -133,7 +133,7 @@ def test_ions_far_beyond_the_cutoff_interact_as_charges(mode):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode", ["equilibrated", "polarisable"])
+@pytest.mark.parametrize("mode", ["equilibrated", "polarisable", "qeq"])
 def test_periodic_stress_is_the_strain_derivative(mode, kind):
     # a shallow ensemble's stress is that of the heads' mean energy
     c = ensemble(mode, r_max=3.5, uncertainty=kind)

@@ -203,6 +203,25 @@ def _calculator(
     return calculator.to(dtype=positions.dtype, device=positions.device)
 
 
+def _uniform_gaussian_potentials(
+    positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, width: float, method: Method, accuracy: float
+) -> torch.Tensor:
+    """torch-pme potentials (n, c) e/Å of c channels of Gaussian charges (n, c) of one width σ,
+    all in reciprocal space (see :func:`_periodic_uniform_gaussian`); E = k_e Σ_i q_i φ_i per channel."""
+    smearing = math.sqrt(2.0) * width
+    k_max = math.sqrt(-2.0 * math.log(accuracy)) / smearing  # exp(-k²s²/2) = accuracy
+    wavelength = math.pi / k_max  # see ewald_parameters
+    calculator = _calculator(smearing, wavelength, wavelength / 2.0, method, positions, cell)
+    empty = torch.zeros((0, 2), dtype=torch.long, device=positions.device)
+    return calculator(
+        charges=charges,
+        cell=cell,
+        positions=positions,
+        neighbor_indices=empty,
+        neighbor_distances=torch.zeros(0, dtype=positions.dtype, device=positions.device),
+    )
+
+
 def _periodic_uniform_gaussian(
     positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, width: float, method: Method, accuracy: float
 ) -> torch.Tensor:
@@ -215,19 +234,21 @@ def _periodic_uniform_gaussian(
     (point charges by Ewald, minus Σ erfc(r/(√2σ_ij))/r), with torch-pme's smearing put equal
     to σ_ij, where the real-space terms cancel exactly.
     """
-    smearing = math.sqrt(2.0) * width
-    k_max = math.sqrt(-2.0 * math.log(accuracy)) / smearing  # exp(-k²s²/2) = accuracy
-    wavelength = math.pi / k_max  # see ewald_parameters
-    calculator = _calculator(smearing, wavelength, wavelength / 2.0, method, positions, cell)
-    empty = torch.zeros((0, 2), dtype=torch.long, device=positions.device)
-    phi = calculator(
-        charges=charges[:, None],
-        cell=cell,
-        positions=positions,
-        neighbor_indices=empty,
-        neighbor_distances=torch.zeros(0, dtype=positions.dtype, device=positions.device),
-    )
+    phi = _uniform_gaussian_potentials(positions, charges[:, None], cell, width, method, accuracy)
     return COULOMB_CONSTANT * torch.sum(charges * phi[:, 0])
+
+
+def periodic_coulomb_matrix(
+    positions: torch.Tensor, cell: torch.Tensor, width: float, *, method: Method = "auto", accuracy: float = ACCURACY
+) -> torch.Tensor:
+    """The symmetric matrix A (n, n) eV/e² with ``coulomb_energy(positions, q, cell, sigma=width)``
+    = ½ qᵀ A q for every q: Gaussian charges of one width σ (Å) in a periodic cell, images and the
+    neutralising background included, the clouds' self-energy not (A_ii is atom i's interaction
+    with its own images). One torch-pme call with n channels, unit charge on one atom each:
+    O(n²) memory, for small cells (charge equilibration). Differentiable in positions and cell."""
+    eye = torch.eye(positions.shape[0], dtype=positions.dtype, device=positions.device)
+    phi = _uniform_gaussian_potentials(positions, eye, cell, width, method, accuracy)  # [n, n] column j: unit q_j
+    return COULOMB_CONSTANT * (phi + phi.T)
 
 
 def _periodic(

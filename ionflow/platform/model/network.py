@@ -9,7 +9,13 @@ Design points (``ModelSettings.electrostatics``):
   equilibrated  Fukui-weighted equilibration per spin channel (exact Q and M);
   polarisable   ``polarisation_steps`` fixed updates: each atom's electrostatic
                 potential V_i = ∂E_coulomb/∂q_i enters a small network that updates the
-                raw charges and Fukui weights, then re-equilibrate.
+                raw charges and Fukui weights, then re-equilibrate;
+  qeq           charge equilibration (:mod:`~ionflow.platform.model.qeq`) around the
+                equilibrated head's charges q⁰: electronegativity χ and hardness J from the
+                features, charges minimising Σ χ_i q_i + ½ J_i (q_i − q⁰_i)² + E_coulomb(q) under
+                Σq = Q by one linear solve over the whole structure, so they respond to atoms
+                beyond the cutoff; as in 4G-HDNNP the energy adds E_coulomb of those charges
+                (χ and J only shape them); spin populations as in equilibrated.
 Charges are Gaussian clouds of width ``charge_width`` (Å). Forces and stress are
 autograd derivatives of the total energy (MACE's ``get_outputs``), through the charge
 prediction, the equilibration and every polarisation step.
@@ -24,9 +30,10 @@ from mace.modules.utils import get_outputs  # noqa: E402, I001
 from ionflow.platform.model.charges import dipole, equilibrate_spin
 from ionflow.platform.model.electrostatics import coulomb_energy, direct_energies
 from ionflow.platform.model.mace_blocks import ScaleShiftMACE
+from ionflow.platform.model.qeq import MIN_START_HARDNESS, equilibrate_charges, starting_parameters
 from ionflow.platform.settings import ModelSettings
 
-ELECTROSTATICS = ("none", "latent", "equilibrated", "polarisable")
+ELECTROSTATICS = ("none", "latent", "equilibrated", "polarisable", "qeq")
 
 #: Hidden width of the small MLP heads (state energy, charges, polarisation updates): they read a
 #: few dozen invariant features, and a few times that is enough; wider only costs time.
@@ -146,7 +153,15 @@ class Member(torch.nn.Module):
             # orthonormal contrasts: their rows span the heads' deviations from the mean
             self.register_buffer("contrasts", _helmert(self.heads).to(dtype), persistent=False)
         if self.mode != "none":
-            self.charge_head = _mlp(n_s, hidden, 4).to(dtype)  # q⁰_α, q⁰_β, f_α, f_β
+            # q⁰_α, q⁰_β, f_α, f_β; qeq puts χ (eV/e) and its raw hardness in front of them
+            self.charge_head = _mlp(n_s, hidden, 6 if self.mode == "qeq" else 4).to(dtype)
+        if self.mode == "qeq":
+            # per-element starting χ and J (J holds the charges to their local reference: starting at IE − EA,
+            # the charges begin close to the equilibrated head's); persistent, so a model file keeps them
+            chi0, hardness0 = starting_parameters(z_table)
+            start = torch.clamp(hardness0, min=MIN_START_HARDNESS)
+            self.register_buffer("qeq_chi0", chi0.to(dtype))  # [elements] eV/e
+            self.register_buffer("qeq_hardness0", (start + torch.log(-torch.expm1(-start))).to(dtype))  # softplus⁻¹
         if self.steps:
             self.update_head = _mlp(n_s + 1, hidden, 4).to(dtype)  # ... and the potential V_i
 
@@ -202,7 +217,28 @@ class Member(torch.nn.Module):
         charges = torch.zeros(n_atoms, dtype=energy.dtype, device=energy.device)
         spins = torch.zeros_like(charges)
         e_coulomb = torch.zeros_like(energy)
-        if self.mode != "none":
+        if self.mode == "qeq":
+            head = self.charge_head(features)  # [n, 6]
+            elements = batch["node_attrs"].to(head.dtype)  # [n, elements] one-hot
+            chi = elements @ self.qeq_chi0 + head[:, 0]  # [n] eV/e
+            # [n] eV/e², ≥ 0 keeps the solve's minimum unique
+            hardness = torch.nn.functional.softplus(elements @ self.qeq_hardness0 + head[:, 1])
+            # local reference charges q⁰ and the spin populations: the equilibrated head's
+            reference, spins = equilibrate_spin(head[:, 2:4], head[:, 4:6], index, charge, multiplicity)
+            charges, _, _, e_coulomb = equilibrate_charges(
+                chi,
+                hardness,
+                positions,
+                index,
+                batch["ptr"],
+                charge,
+                self.charge_width,
+                cells,
+                periodic,
+                reference_charges=reference,
+            )
+            energy = energy + e_coulomb
+        elif self.mode != "none":
             head = self.charge_head(features)  # [n, 4]
             raw, weights = head[:, :2], head[:, 2:]
             fukui = None if self.mode == "latent" else weights
