@@ -67,6 +67,11 @@ BENCHMARK_CHANGES = {
     "selection": {"per_iteration": 6, "threshold": 0.01, "ceiling": 5.0},
 }
 
+#: --from-scratch: every model version trained afresh (``training.from_scratch``) instead of refined
+#: from the previous one, and the selection ceiling above the walkers' stop (so that the frame a
+#: walker stopped on can be chosen).
+SCRATCH_CHANGES = {"training": {"from_scratch": True}, "selection": {"ceiling": 10.0}}
+
 #: --quick: a smoke run of the whole pipeline (minutes, numbers meaningless); 10 epochs leave
 #: spreads of eV/Å, so the trust window is opened all the way.
 QUICK_CHANGES = {
@@ -91,9 +96,11 @@ def merged(base: dict, changes: dict) -> dict:
     return out
 
 
-def campaign_file(base: dict, strategy: str, seed: int, out: Path, quick: bool) -> Path:
+def campaign_file(base: dict, strategy: str, seed: int, out: Path, quick: bool, scratch: bool = False) -> Path:
     """Write the campaign file of one (strategy, seed) run; return its path."""
     config = merged(base, BENCHMARK_CHANGES)
+    if scratch:
+        config = merged(config, SCRATCH_CHANGES)
     if quick:
         config = merged(config, QUICK_CHANGES)
     name = f"al-{strategy}-s{seed}"
@@ -256,6 +263,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ionflow-al-benchmark")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: benchmarks/active_learning.png).")
     parser.add_argument("--quick", action="store_true", help="Smoke run: tiny campaigns, numbers meaningless.")
+    parser.add_argument("--from-scratch", action="store_true", help="Train every version afresh (SCRATCH_CHANGES).")
     parser.add_argument("--report", action="store_true", help="Only redraw tables and plot from results.json.")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -272,12 +280,12 @@ def main() -> None:
             system=f"{base['name']} ({test_frames[0].get_chemical_formula()})",
             test_set=str(args.test.relative_to(ROOT) if args.test.resolve().is_relative_to(ROOT) else args.test),
             n_test=len(test_frames),
-            changes=BENCHMARK_CHANGES,
+            changes=merged(BENCHMARK_CHANGES, SCRATCH_CHANGES) if args.from_scratch else BENCHMARK_CHANGES,
             quick=args.quick,
         )
         for seed in args.seeds:
             for strategy in args.strategies:
-                path = campaign_file(base, strategy, seed, out, args.quick)
+                path = campaign_file(base, strategy, seed, out, args.quick, args.from_scratch)
                 run = {"strategy": strategy, "seed": seed, **run_campaign(path, test_frames)}
                 results["runs"] = [r for r in results["runs"] if (r["strategy"], r["seed"]) != (strategy, seed)] + [run]
                 results_path.write_text(json.dumps(results, indent=1))

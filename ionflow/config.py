@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from ase import Atoms
@@ -288,6 +288,9 @@ class TrainingConfig(Strict):
         "(dimensionless; it shapes the heads' spread). Ignored by committees.",
     )
 
+    #: Fields the campaign's train step reads, not the platform (absent from TrainingSettings).
+    CAMPAIGN_ONLY: ClassVar[tuple[str, ...]] = ("from_scratch",)
+
     from_scratch: bool = Field(
         False,
         description="Campaigns: train every model version from fresh weights (epochs, learning_rate) instead of "
@@ -304,7 +307,7 @@ class TrainingConfig(Strict):
 
     def settings(self) -> TrainingSettings:
         """These fields as the platform reads them."""
-        return TrainingSettings(**self.model_dump(exclude={"from_scratch"}))
+        return TrainingSettings(**self.model_dump(exclude=set(self.CAMPAIGN_ONLY)))
 
 
 class BootstrapConfig(Strict):

@@ -155,7 +155,9 @@ def test_retry_rescues_a_slow_scf_without_changing_the_answer():
 def test_one_failure_does_not_stop_the_batch():
     collapsed = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0]], info={"charge": 0, "multiplicity": 1})
     failed, ok = PySCFAdapter(FAST).label([collapsed, hydroxyl(charge=-1, multiplicity=1)])
-    assert failed.status == "failed" and "singular" in failed.error and failed.energy is None
+    # PySCF refuses the geometry ("Ill geometry") or, on some builds, its overlap matrix ("singular")
+    assert failed.status == "failed" and failed.energy is None
+    assert "Ill geometry" in failed.error or "singular" in failed.error, failed.error
     assert ok.ok and ok.charges.sum() == pytest.approx(-1.0, abs=1e-6)
 
 

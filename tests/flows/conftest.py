@@ -27,9 +27,9 @@ def tiny_campaign(tmp_path: Path, **changes) -> dict:
         "system": {"charge": 1, "multiplicity": 1, "structure": ZUNDEL},
         "reference": {"adapter": "tblite"},
         "model": {"ensemble_size": 2, "hidden_irreps": "8x0e+8x1o", "mlp_irreps": "8x0e", "num_interactions": 1},
-        "training": {"epochs": 20, "finetune_epochs": 8},
+        "training": {"epochs": 10, "finetune_epochs": 5},  # the flow is under test, not the fit
         "bootstrap": {"n_train": 6, "n_test": 3},
-        # the spreads are calibrated to predicted errors, and 20 epochs leave errors of eV/Å:
+        # the spreads are calibrated to predicted errors, and 10 epochs leave errors of eV/Å:
         # a wide trust window keeps every iteration labelling
         "explore": {"walkers": 2, "steps": 30, "sample_every": 5, "stop_uncertainty": 100.0},
         "selection": {"per_iteration": 3, "threshold": 0.001, "ceiling": 100.0},
