@@ -52,12 +52,15 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
         frame_of = {structure_hash(f): f for f in frames}
         candidates = [row for row, _ in rows if row.hash in frame_of]
         cand_frames = [frame_of[row.hash] for row in candidates]
-        held = hold_out_for_test(ctx, session, campaign_id, it.id, index, candidates, cand_frames)
-        rest = [i for i in range(len(candidates)) if i not in set(held)]
+        settings_hash = ctx.adapter.settings_hash
+        training = [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=False)]
+        known = training + [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=True)]
+        held = hold_out_for_test(ctx, session, campaign_id, it.id, index, candidates, cand_frames, known)
+        rest = sorted(set(range(len(candidates))) - set(held))
         decisions = [Decision(i, cand_frames[i].info["force_std_max"], False, HELD_OUT) for i in held]
         decisions += [
             Decision(rest[d.index], d.score, d.chosen, d.reason)
-            for d in decide(ctx, session, campaign_id, index, [cand_frames[i] for i in rest])
+            for d in decide(ctx, session, campaign_id, index, [cand_frames[i] for i in rest], training, known)
         ]
         for d in sorted(decisions, key=lambda d: d.index):
             row, frame = candidates[d.index], cand_frames[d.index]
@@ -93,26 +96,32 @@ def hold_out_for_test(
     index: int,
     candidates: list,
     frames: list[Atoms],
+    known: list[Atoms],
 ) -> list[int]:
-    """Move ``test.held_out_per_iteration`` of the iteration's candidate frames, drawn uniformly,
-    into the test set (membership origin ``md`` -> ``test-md``, MD run kept); return their indices."""
+    """Move ``test.held_out_per_iteration`` of the iteration's candidate frames not yet labelled
+    (``known``: the labelled structures), drawn uniformly, into the test set (membership origin
+    ``md`` -> ``test-md``, MD run kept); return their indices."""
     n = ctx.config.test.held_out_per_iteration
     if n == 0 or not frames:
         return []
-    known = [a for _, a in labelled_set(session, ctx.store, campaign_id, ctx.adapter.settings_hash, test=False)]
-    known += [a for _, a in labelled_set(session, ctx.store, campaign_id, ctx.adapter.settings_hash, test=True)]
     held = hold_out(frames, n, held_out_seed(ctx.config.seed, index), labelled=known)
     move_to_test_set(session, campaign_id, iteration_id, [candidates[i].id for i in held])
     return held
 
 
-def decide(ctx: Context, session: Session, campaign_id: int, index: int, frames: list[Atoms]) -> list[Decision]:
+def decide(
+    ctx: Context,
+    session: Session,
+    campaign_id: int,
+    index: int,
+    frames: list[Atoms],
+    training: list[Atoms],
+    known: list[Atoms],
+) -> list[Decision]:
     """The decision on each of ``frames`` by the campaign's ``selection.strategy``; frames already
-    labelled (training or test set) are never chosen again."""
+    labelled (``known``: training and test set) are never chosen again; ``diverse`` measures
+    novelty against ``training``."""
     cfg = ctx.config.selection
-    settings_hash = ctx.adapter.settings_hash
-    training = [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=False)]
-    known = training + [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=True)]
     scores = [f.info["force_std_max"] for f in frames]
     if cfg.strategy == "random":
         seed = selection_seed(ctx.config.seed, index)

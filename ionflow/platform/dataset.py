@@ -213,13 +213,10 @@ def read_test_structures(
         problem = overlap_problem(atoms)
         if problem:
             raise ValueError(f"{where}: {problem}")
-    problem = dataset_problem(frames) if all(has_labels) else None
-    if problem is None and not all(has_labels):
-        for k, atoms in enumerate(frames):
-            bad = charge_state_problem(atoms.numbers, charge_of(atoms), multiplicity_of(atoms))
-            if bad:
-                problem = f"frame {k} ({atoms.get_chemical_formula()}): charge/multiplicity: {bad}"
-                break
+        problem = charge_state_problem(atoms.numbers, charge_of(atoms), multiplicity_of(atoms))
+        if problem:
+            raise ValueError(f"{where}: charge/multiplicity: {problem}")
+    problem = dataset_problem(frames) if all(has_labels) else None  # the labels themselves
     if problem:
         raise ValueError(f"{path}: {problem}")
     return frames, all(has_labels)

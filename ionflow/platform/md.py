@@ -111,7 +111,8 @@ def run_walkers(
     system.calc = calc
     rng = np.random.default_rng(seed)
     per_walker = np.broadcast_to(np.asarray(temperature_K, dtype=float), (len(templates),))
-    if len(set(per_walker.tolist())) == 1:
+    uniform = bool(np.all(per_walker == per_walker[0]))
+    if uniform:
         MaxwellBoltzmannDistribution(system, temperature_K=float(per_walker[0]), rng=rng)
     else:
         momenta = []
@@ -128,7 +129,7 @@ def run_walkers(
         fixcm=False,
         rng=rng,
     )
-    if len(set(per_walker.tolist())) > 1:
+    if not uniform:
         # ASE's Langevin thermostat acts per atom (its noise scales with kT/m): one kT per atom
         sizes = [len(t) for t in templates]
         dyn.temp = units.kB * np.repeat(per_walker, sizes)[:, None]
