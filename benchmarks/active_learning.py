@@ -137,7 +137,7 @@ def run_campaign(path: Path, test_frames: list) -> dict:
                 "energy_rmse": metrics["energy_rmse"],  # eV/atom
                 "forces_rmse": metrics["forces_rmse"],  # eV/Å
                 "force_z_rms": metrics.get("force_z_rms"),
-                "campaign_test_forces_rmse": row["metrics"].get("test_forces_rmse"),
+                "campaign_test_forces_rmse": row["model_metrics"].get("test_forces_rmse_eV_per_A"),
             }
         )
     return {"wall_s": wall, "stop_reason": summary["stop_reason"], "versions": versions}

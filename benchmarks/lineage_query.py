@@ -145,6 +145,7 @@ def populate(url: str) -> int:
                             "energy_uncertainty": 0.01,
                             "threshold": 0.1,
                             "chosen": chosen,
+                            "reason_code": "uncertain" if chosen else "trusted",
                             "reason": "selected" if chosen else "below threshold",
                             "created_at": now,
                         }

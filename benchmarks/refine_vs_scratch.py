@@ -64,10 +64,10 @@ def main() -> None:
             row = {
                 "version": model.version,
                 "labels": len(train) + len(valid),
-                "from_parent": bool(model.metrics["train"]["from_parent"]),
+                "from_parent": bool(model.metrics["train_from_parent"]),
                 "campaign": (1000 * campaign["energy_rmse"], campaign["forces_rmse"]),
             }
-            if model.metrics["train"]["from_parent"]:
+            if model.metrics["train_from_parent"]:
                 fresh, _ = train_ensemble(
                     train,
                     valid,

@@ -5,7 +5,7 @@ label), :mod:`~ionflow.cli.database` (db upgrade, db current), :mod:`~ionflow.cl
 
 from __future__ import annotations
 
-from ionflow.cli import campaign, data, database, evaluate  # noqa: F401  (each registers its commands on app)
+from ionflow.cli import campaign, data, database, evaluate, provenance  # noqa: F401  (each registers its commands on app)
 from ionflow.cli.common import app, shown_url
 
 __all__ = ["app", "main", "shown_url"]

@@ -68,9 +68,11 @@ def test_set_note(iterations: list[dict]) -> str:
     """``  (N structures: n held out from MD, ...)`` for the newest evaluated iteration, or ``""``."""
     for row in reversed(iterations):
         m = row.get("metrics") or {}
-        if m.get("test_n"):
-            parts = [f"{m[f'test_n_{o}']} {words}" for o, words in TEST_ORIGIN_WORDS.items() if m.get(f"test_n_{o}")]
-            return f"  ({m['test_n']} structures{': ' + ', '.join(parts) if parts else ''})"
+        if m.get("test_set_n_structures"):
+            parts = [
+                f"{m[f'test_set_n_{o}']} {words}" for o, words in TEST_ORIGIN_WORDS.items() if m.get(f"test_set_n_{o}")
+            ]
+            return f"  ({m['test_set_n_structures']} structures{': ' + ', '.join(parts) if parts else ''})"
     return ""
 
 
@@ -112,34 +114,49 @@ def run(config: Path = typer.Argument(..., help="Campaign file (YAML).")) -> Non
 
 @app.command()
 def status(
-    target: Path = typer.Argument(..., help="Campaign file, or a campaign folder holding ionflow.db."),
-    name: str | None = typer.Option(None, help="Campaign name (default: the file's, or the only one)."),
+    target: str = typer.Argument(..., help="Campaign file, campaign folder (holding ionflow.db), or database URL."),
+    name: str | None = typer.Option(
+        None, "--campaign", "--name", help="Campaign name (default: the file's, or the only one)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="The campaign and its iterations as JSON."),
 ) -> None:
-    """Print a campaign's iterations from its database."""
-    from ionflow.db import iteration_table, make_engine, session_factory, session_scope
-    from ionflow.db.queries import campaigns_named
+    """Print a campaign's iterations from its database (opened read-only: nothing is written)."""
+    import json
+
+    from ionflow.cli.provenance import json_default, open_target, resolve_target
+    from ionflow.db import iteration_table
     from ionflow.flows.report import console
     from ionflow.flows.report import iteration_table as render
 
-    if target.is_dir():
-        db_file = target / "ionflow.db"
-        if not db_file.exists():
-            err.print(f"[red]error:[/] {target} holds no ionflow.db")
-            raise typer.Exit(2)
-        url = f"sqlite:///{db_file.resolve()}"
-    else:
-        cfg = load_campaign(target)
-        url, name = cfg.db_url, name or cfg.name
-        if cfg.default_database and not (cfg.campaign_dir / "ionflow.db").exists():
-            err.print(f"[red]error:[/] campaign {cfg.name} has not run yet (no {cfg.campaign_dir / 'ionflow.db'})")
-            raise typer.Exit(2)
-    with session_scope(session_factory(make_engine(url))) as session:
-        campaigns = campaigns_named(session, name)
-        if len(campaigns) != 1:
-            err.print(f"[red]error:[/] found {len(campaigns)} campaigns{f' named {name}' if name else ''}; use --name")
-            raise typer.Exit(2)
-        campaign = campaigns[0]
+    with open_target(resolve_target(target, name)) as (session, campaign):
         rows = iteration_table(session, campaign.id)
+        if as_json:
+            from sqlalchemy import text
+
+            outcomes = {
+                status: int(n)
+                for status, n in session.execute(
+                    text(
+                        "SELECT status, SUM(n_calculations) FROM ionflow_reference_cost "
+                        "WHERE campaign_id = :c GROUP BY status ORDER BY status"
+                    ),
+                    {"c": campaign.id},
+                ).all()
+            }
+            last = next((r for r in reversed(rows) if r["status"] == "done"), None)
+            document = {
+                "campaign": campaign.name,
+                "status": campaign.status,
+                "folder": campaign.workdir,
+                "created_at": campaign.created_at,
+                "updated_at": campaign.updated_at,
+                "calculations": outcomes,
+                "iterations": rows,
+                "stop_reason": next((r.stop_reason for r in reversed(campaign.iterations) if r.stop_reason), None),
+                "latest_model_version": last["model_version"] if last else None,
+            }
+            typer.echo(json.dumps(document, default=json_default, indent=1))
+            return
         console.print(render(rows, f"{campaign.name} ({campaign.status}) — {campaign.workdir}"))
 
 

@@ -90,7 +90,17 @@ def train(
             seed=seed,
             progress=lambda done, total: bar.update(task, completed=done),
         )
-    save_model(ensemble, output)
+    from ionflow.db import sha256_file, utcnow
+
+    provenance = {
+        "trained_by": "ionflow train",
+        "data": str(data.resolve()),
+        "data_sha256": sha256_file(data),
+        "n_frames": len(frames),
+        "seed": seed,
+        "created_at": utcnow().isoformat(),
+    }
+    save_model(ensemble, output, provenance)
     out.print(metrics_table(metrics))
     calibration = ensemble.spec.calibration
     out.print(

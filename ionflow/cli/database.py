@@ -27,7 +27,14 @@ def _database_url(target: str | None) -> str:
         return url
     if "://" in target:
         return target
-    return load_campaign(Path(target)).db_url
+    path = Path(target)
+    if path.is_dir():
+        path = path / "ionflow.db"
+    if path.suffix == ".db":
+        from ionflow.db import sqlite_url
+
+        return sqlite_url(path)
+    return load_campaign(path).db_url
 
 
 @db_app.command("upgrade")

@@ -43,6 +43,25 @@ NAMING_CONVENTION = {
 CAMPAIGN_STATUSES = ("running", "finished", "stopped", "failed")
 CALCULATION_STATUSES = ("ok", "failed", "unconverged", "timeout")
 TRAINING_SPLITS = ("train", "valid")
+#: Why a selection decision went the way it did (``selection_decision.reason_code``); the first
+#: three choose the frame, the rest do not. ``reason`` keeps the human-readable sentence.
+REASON_CODES = (
+    "uncertain",  # uncertainty strategy: spread in the trust window, among the most uncertain
+    "random_pick",  # random strategy: drawn
+    "diverse",  # diverse strategy: largest spread x novelty
+    "trusted",  # spread below the threshold
+    "above_ceiling",  # spread at or above the ceiling: likely unphysical
+    "already_labelled",  # same structure hash as a label of the campaign
+    "near_duplicate",  # within min_distance of a labelled or chosen frame
+    "budget",  # the iteration's per_iteration frames were already chosen
+    "not_drawn",  # random strategy: not drawn
+    "covered",  # diverse strategy: novelty at most min_novelty
+    "held_out",  # drawn for the test set before selection
+)
+#: Where an MD walker's start structure came from (``md_run.start_origin``).
+START_ORIGINS = ("rattle", "previous_run", "unknown")
+PREFECT_RUN_KINDS = ("flow", "task")
+SELECTION_STRATEGIES = ("uncertainty", "random", "diverse")
 
 Hash = String(64)  # a sha256 hex digest
 
@@ -118,8 +137,19 @@ class Iteration(Base):
     status: Mapped[str] = mapped_column(default="started")  # started, explored, selected, labelled, trained, done
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
-    metrics: Mapped[dict[str, Any] | None]
+    metrics: Mapped[dict[str, Any] | None]  # see ionflow.db.metrics: flat, units in the keys
+    stop_reason: Mapped[str | None] = mapped_column(Text)  # why the campaign stopped at this iteration
+    # the campaign flow run that last worked on the iteration (all runs: PrefectRun)
     prefect_flow_run_id: Mapped[str | None]
+    # what selection ran with (None: iteration 0, or not selected yet)
+    selection_strategy: Mapped[str | None]
+    selection_threshold: Mapped[float | None]  # eV/Å
+    selection_ceiling: Mapped[float | None]  # eV/Å
+    selection_budget: Mapped[int | None]  # frames at most (selection.per_iteration)
+    selection_min_distance: Mapped[float | None]  # Å (uncertainty)
+    selection_min_novelty: Mapped[float | None]  # dimensionless (diverse)
+    selection_seed: Mapped[int | None]  # random draws of this iteration (random strategy)
+    selection_held_out: Mapped[int | None]  # frames asked for the test set (test.held_out_per_iteration)
 
     campaign: Mapped[Campaign] = relationship(back_populates="iterations")
     md_runs: Mapped[list[MDRun]] = relationship(back_populates="iteration")
@@ -172,6 +202,7 @@ class CampaignStructure(Base):
     # the iteration that brought it into the campaign (None: added outside the loop)
     iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
     md_run_id: Mapped[int | None] = mapped_column(ForeignKey("md_run.id"), index=True)  # the run it was sampled from
+    md_step: Mapped[int | None]  # the MD step (1, 2, ...) of md_run at which it was sampled
     origin: Mapped[str]  # initial, test, md, md-start, user, ...
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -210,7 +241,7 @@ class Calculation(Base):
     cpu_time_s: Mapped[float | None]  # the code's CPU seconds, all threads and processes; None: unknown
     error: Mapped[str | None] = mapped_column(Text)
     host: Mapped[str | None]
-    run_dir: Mapped[str | None]
+    run_dir: Mapped[str | None]  # relative to the folder of the campaign whose iteration ran it
     iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -262,12 +293,17 @@ class MDRun(Base):
     """One MD walker run by a model from a start structure, and why it stopped."""
 
     __tablename__ = "md_run"
+    __table_args__ = (CheckConstraint(_one_of("start_origin", START_ORIGINS), name="start_origin"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaign.id"), index=True)
     iteration_id: Mapped[int] = mapped_column(ForeignKey("iteration.id"), index=True)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("model.id"), index=True)
     start_structure_id: Mapped[int] = mapped_column(ForeignKey("structure.id"), index=True)
+    # rattle: a fresh rattle of the system's structure; previous_run: the last frame of
+    # start_md_run_id (the same walker's run of the iteration before); unknown: recorded before 0003
+    start_origin: Mapped[str] = mapped_column(default="rattle")
+    start_md_run_id: Mapped[int | None] = mapped_column(ForeignKey("md_run.id"))
     walker: Mapped[int]
     temperature_K: Mapped[float]
     timestep_fs: Mapped[float]
@@ -291,7 +327,10 @@ class SelectionDecision(Base):
 
     __tablename__ = "selection_decision"
     # the unique constraint's leading column also indexes iteration_id
-    __table_args__ = (UniqueConstraint("iteration_id", "structure_id"),)
+    __table_args__ = (
+        UniqueConstraint("iteration_id", "structure_id"),
+        CheckConstraint(_one_of("reason_code", REASON_CODES), name="reason_code"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     iteration_id: Mapped[int] = mapped_column(ForeignKey("iteration.id"))
@@ -301,9 +340,40 @@ class SelectionDecision(Base):
     energy_uncertainty: Mapped[float | None]  # eV
     threshold: Mapped[float]  # eV/Å, same measure as score
     chosen: Mapped[bool]
-    reason: Mapped[str]
+    reason_code: Mapped[str]  # one of REASON_CODES
+    reason: Mapped[str]  # the same, as a sentence with its numbers
+    # place (1 = first) in the order the strategy considered the iteration's frames: spread high to
+    # low (uncertainty), the random permutation (random), picks then the rest by spread (diverse);
+    # None for held-out frames and for decisions recorded before revision 0003 by other strategies
+    rank: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     iteration: Mapped[Iteration] = relationship(back_populates="decisions")
     structure: Mapped[Structure] = relationship()
     md_run: Mapped[MDRun | None] = relationship()
+
+
+class PrefectRun(Base):
+    """A Prefect flow run or task run that worked on a campaign (the history; the Prefect server
+    may be temporary, and is gone when its run ends: ``temporary_server``)."""
+
+    __tablename__ = "prefect_run"
+    __table_args__ = (
+        UniqueConstraint("run_id"),
+        CheckConstraint(_one_of("kind", PREFECT_RUN_KINDS), name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaign.id"), index=True)
+    iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
+    run_id: Mapped[str]  # Prefect's UUID of the run
+    flow_run_id: Mapped[str | None]  # for a task run: the flow run it ran in
+    kind: Mapped[str]  # flow, task
+    name: Mapped[str]  # Prefect's run name (task runs: the step and iteration)
+    api_url: Mapped[str | None]  # the Prefect API that holds the run
+    temporary_server: Mapped[bool]  # the API was a server started for this process only
+    state: Mapped[str]  # RUNNING, COMPLETED, FAILED (Prefect's state type); RUNNING if the process died
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None]
+
+    iteration: Mapped[Iteration | None] = relationship()

@@ -102,6 +102,14 @@ class ObjectStore:
 
     # -- structures -------------------------------------------------------
 
+    def relative(self, path: str | Path | None) -> str | None:
+        """``path`` relative to the root when it lies under it (a campaign's run folders), so that a
+        moved campaign folder still resolves; other paths unchanged, None stays None."""
+        if path is None:
+            return None
+        resolved = Path(path).expanduser().resolve()
+        return str(resolved.relative_to(self.root)) if resolved.is_relative_to(self.root) else str(path)
+
     def put_structure(self, atoms: Atoms) -> str:
         """Store a structure as extxyz (see :func:`canonical_structure`); return its relative path."""
         atoms = canonical_structure(atoms)

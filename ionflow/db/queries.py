@@ -131,7 +131,8 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
     model was fitted on (training and validation sides), or None; ``reference_cpu_s``: CPU
     seconds of the reference calculations this campaign ran up to and including this iteration,
     failed ones included (a calculation whose CPU time is unknown counts its wall time), the cost
-    axis of a learning curve; ``metrics`` (``{}`` if unset).
+    axis of a learning curve; ``metrics`` (``{}`` if unset); ``model_metrics``: those of
+    ``model_version`` (``{}`` if none; :mod:`ionflow.db.metrics`).
     """
     iterations = session.scalars(
         select(Iteration).where(Iteration.campaign_id == campaign_id).order_by(Iteration.index)
@@ -163,13 +164,21 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
         SelectionDecision.chosen.is_(True),
     )
     md_runs = _count_by_iteration(session, MDRun.iteration_id, MDRun.campaign_id == campaign_id)
-    model_versions = dict(
-        session.execute(
-            select(Model.iteration_id, func.max(Model.version))
-            .where(Model.campaign_id == campaign_id, Model.iteration_id.is_not(None))
-            .group_by(Model.iteration_id)
-        ).all()
+    newest_of = (
+        select(Model.iteration_id, func.max(Model.version).label("version"))
+        .where(Model.campaign_id == campaign_id, Model.iteration_id.is_not(None))
+        .group_by(Model.iteration_id)
+        .subquery()
     )
+    models = {
+        iteration_id: (version, metrics)
+        for iteration_id, version, metrics in session.execute(
+            select(Model.iteration_id, Model.version, Model.metrics).join(
+                newest_of,
+                (Model.iteration_id == newest_of.c.iteration_id) & (Model.version == newest_of.c.version),
+            )
+        ).all()
+    }
 
     training_labels = dict(
         session.execute(
@@ -200,10 +209,11 @@ def iteration_table(session: Session, campaign_id: int) -> list[dict[str, Any]]:
                 "n_failed": failed.get(it.id, 0),
                 "n_selected": selected.get(it.id, 0),
                 "n_md_runs": md_runs.get(it.id, 0),
-                "model_version": model_versions.get(it.id),
+                "model_version": models[it.id][0] if it.id in models else None,
                 "n_training_labels": training_labels.get(it.id),
                 "reference_cpu_s": cpu_so_far,
                 "metrics": it.metrics or {},
+                "model_metrics": (models[it.id][1] or {}) if it.id in models else {},
             }
         )
     return table

@@ -80,13 +80,14 @@ def add_structure(
     campaign_id: int,
     iteration_id: int | None = None,
     md_run_id: int | None = None,
+    md_step: int | None = None,
 ) -> Structure:
     """The row of ``atoms`` (by content hash), made a member of campaign ``campaign_id``.
 
     The structure is stored and inserted if it is new to the database; one that
     another campaign met first is reused, so its calculations are never repeated.
     Its membership of this campaign records ``origin``, ``iteration_id`` (the
-    iteration that brought it in) and ``md_run_id`` (the run it was sampled from);
+    iteration that brought it in), ``md_run_id`` and ``md_step`` (the run and step it was sampled at);
     if it is already a member, that first membership is kept unchanged.
     """
     h = structure_hash(atoms)
@@ -123,6 +124,7 @@ def add_structure(
                 "structure_id": row.id,
                 "iteration_id": iteration_id,
                 "md_run_id": md_run_id,
+                "md_step": md_step,
                 "origin": origin,
             },
             ["campaign_id", "structure_id"],
@@ -201,7 +203,7 @@ def record_calculation(
         cpu_time_s=None if result.cpu_time_s is None else float(result.cpu_time_s),
         error=result.error,
         host=result.host,
-        run_dir=result.run_dir,
+        run_dir=store.relative(result.run_dir),
         iteration_id=iteration_id,
         created_at=utcnow(),
     )

@@ -75,6 +75,38 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def read_only_engine(url: str) -> Engine:
+    """An engine that cannot write to the database at ``url``, for commands that only read.
+
+    SQLite: the file is opened with ``mode=ro`` (and ``PRAGMA query_only``), so reading never
+    checkpoints the WAL into it or changes it in any other way; a file in a folder the user cannot
+    write is opened as immutable. PostgreSQL: every transaction is ``READ ONLY``.
+    FileNotFoundError for a SQLite file that does not exist (nothing is created).
+    """
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        options = " ".join(filter(None, [u.query.get("options"), "-c default_transaction_read_only=on"]))
+        return create_engine(u.update_query_dict({"options": options}), pool_pre_ping=True)
+    path = _sqlite_file(url)
+    if path is None:
+        raise ValueError(f"{url}: a read-only view needs a SQLite file, not an in-memory database")
+    if not path.is_file():
+        raise FileNotFoundError(f"no database file {path}")
+    uri = f"file:{path.resolve()}?mode=ro"
+    try:
+        sqlite3.connect(uri, uri=True).execute("SELECT 1 FROM sqlite_master").close()
+    except sqlite3.OperationalError:
+        uri += "&immutable=1"  # a folder the reader cannot write: no -shm file can be made
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        connection.execute("PRAGMA query_only=ON")
+        return connection
+
+    return create_engine("sqlite://", creator=connect)
+
+
 def _alembic_config(url: str) -> Config:
     # config_file_name stays set (alembic reads the ini), but the packaged env.py
     # never calls logging.config.fileConfig, so the application's logging is untouched

@@ -8,10 +8,12 @@ from prefect import task
 from ionflow.db import session_scope
 from ionflow.db.records import add_structure, iteration_row
 from ionflow.flows.context import bootstrap_seeds, context, reached
+from ionflow.flows.history import tracked
 from ionflow.platform.structures import rattled
 
 
 @task(name="bootstrap")
+@tracked(index=0)
 def bootstrap_task(config_path: str, campaign_id: int) -> int:
     """Add ``bootstrap.n_train`` training and ``bootstrap.n_test`` test structures to iteration 0
     (in place of explore and select), and the structures of an unlabelled ``test.file``; return

@@ -16,10 +16,10 @@ from typing import Any
 from prefect import flow, runtime, task
 from prefect.artifacts import create_table_artifact
 
-from ionflow.db import calculation_outcomes, iteration_table, session_scope
+from ionflow.db import calculation_outcomes, iteration_table, metrics, session_scope
 from ionflow.db.queries import newest_model, usable_label_count
 from ionflow.db.records import iteration_row, open_campaign, set_campaign_status
-from ionflow.flows import report
+from ionflow.flows import history, report
 from ionflow.flows.bootstrap import bootstrap_task
 from ionflow.flows.context import context, reached
 from ionflow.flows.evaluate import close_iteration_task, evaluate_task
@@ -44,31 +44,39 @@ def campaign_flow(config_path: str, gpu_deployment: str | None = None) -> dict[s
     lock = _lock(cfg.campaign_dir)
     try:
         campaign_id = open_campaign_task(config_path, str(runtime.flow_run.id or ""))
-        report.console.print(f"[bold]ionflow[/] campaign [cyan]{cfg.name}[/] in {cfg.campaign_dir}")
-        stop_reason = f"finished {cfg.iterations} iterations"
-        for index in range(cfg.iterations + 1):
-            if index == 0:
-                bootstrap_task(config_path, campaign_id)
-            else:
-                if cfg.max_labels is not None and _labels_so_far(config_path, campaign_id) >= cfg.max_labels:
-                    stop_reason = f"label budget of {cfg.max_labels} reached"
+        flow_run = history.flow_started(config_path, campaign_id)
+        try:
+            report.console.print(f"[bold]ionflow[/] campaign [cyan]{cfg.name}[/] in {cfg.campaign_dir}")
+            stop_reason, status = f"finished {cfg.iterations} iterations", "finished"
+            for index in range(cfg.iterations + 1):
+                if index == 0:
+                    bootstrap_task(config_path, campaign_id)
+                else:
+                    if cfg.max_labels is not None and _labels_so_far(config_path, campaign_id) >= cfg.max_labels:
+                        stop_reason = f"label budget of {cfg.max_labels} reached"
+                        break
+                    _gpu_step(gpu_deployment, config_path, campaign_id, index, "explore")
+                    done = fit_for_md(config_path, campaign_id, index)
+                    if done is None and select_task(config_path, campaign_id, index) == 0:
+                        done = why_nothing_chosen(config_path, campaign_id, index)
+                    if done is not None:
+                        stop_reason = done
+                        close_iteration_task(config_path, campaign_id, index, stop_reason)
+                        _show_iteration(config_path, campaign_id, index)
+                        break
+                label_step(config_path, campaign_id, index)
+                if (failing := too_many_failures(config_path, campaign_id)) is not None:
+                    stop_reason, status = failing, "stopped"
                     break
-                _gpu_step(gpu_deployment, config_path, campaign_id, index, "explore")
-                done = fit_for_md(config_path, campaign_id, index)
-                if done is None and select_task(config_path, campaign_id, index) == 0:
-                    done = why_nothing_chosen(config_path, campaign_id, index)
-                if done is not None:
-                    stop_reason = done
-                    close_iteration_task(config_path, campaign_id, index, stop_reason)
-                    _show_iteration(config_path, campaign_id, index)
-                    break
-            label_step(config_path, campaign_id, index)
-            if (failing := too_many_failures(config_path, campaign_id)) is not None:
-                return finish(config_path, campaign_id, failing, status="stopped")
-            _gpu_step(gpu_deployment, config_path, campaign_id, index, "train")
-            evaluate_task(config_path, campaign_id, index)
-            _show_iteration(config_path, campaign_id, index)
-        return finish(config_path, campaign_id, stop_reason)
+                _gpu_step(gpu_deployment, config_path, campaign_id, index, "train")
+                evaluate_task(config_path, campaign_id, index)
+                _show_iteration(config_path, campaign_id, index)
+            summary = finish(config_path, campaign_id, stop_reason, status=status)
+            history.flow_ended(config_path, flow_run, "COMPLETED")
+            return summary
+        except BaseException as exc:
+            history.flow_ended(config_path, flow_run, "CANCELLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
     finally:
         lock.close()
 
@@ -87,7 +95,13 @@ def gpu_step_flow(config_path: str, campaign_id: int, index: int, step: str) -> 
     its own flow run: deployed on a gpu work pool, the campaign flow runs these there."""
     if step not in GPU_STEPS:
         raise ValueError(f"unknown step {step!r}; one of {', '.join(GPU_STEPS)}")
-    GPU_STEPS[step](config_path, campaign_id, index)
+    flow_run = history.flow_started(config_path, campaign_id)
+    try:
+        GPU_STEPS[step](config_path, campaign_id, index)
+    except BaseException:
+        history.flow_ended(config_path, flow_run, "FAILED")
+        raise
+    history.flow_ended(config_path, flow_run, "COMPLETED")
 
 
 def _gpu_step(gpu_deployment: str | None, config_path: str, campaign_id: int, index: int, step: str) -> None:
@@ -155,12 +169,12 @@ def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict
         rows = iteration_table(session, campaign_id)
     name = ctx.config.name
     report.console.print(report.iteration_table(rows, f"{name}: after iteration {index}"))
-    n_test = (rows[index]["metrics"] or {}).get("current_test_n")
+    n_test = metrics.test_set_size(rows[index]["model_metrics"])
     where = f"the test set as it is after iteration {index} ({n_test} structures)" if n_test else "the test set"
     report.learning_curve(rows, ctx.folder / LEARNING_CURVE, f"{name}: every model's errors on {where}")
     row = rows[index]
     keys = ("n_labels", "n_training_labels", "reference_cpu_s", "n_selected", "model_version")
-    quantities = {**{k: row[k] for k in keys}, **row["metrics"]}
+    quantities = {**{k: row[k] for k in keys}, **row["metrics"], **row["model_metrics"]}
     slug = name.lower().replace("_", "-").replace(".", "-")
     create_table_artifact(
         key=f"{slug}-iteration-{index}",
@@ -174,9 +188,9 @@ def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict
                 "iteration": r["index"],
                 "labels trained on": r["n_training_labels"],
                 "reference CPU s": round(r["reference_cpu_s"], 1),
-                "test energy RMSE meV/atom": _milli(report.test_errors(r["metrics"])[0]),
-                "test force RMSE eV/Å": report.test_errors(r["metrics"])[1],
-                "test structures": r["metrics"].get("current_test_n", r["metrics"].get("test_n")),
+                "test energy RMSE meV/atom": _milli(report.test_errors(r)[0]),
+                "test force RMSE eV/Å": report.test_errors(r)[1],
+                "test structures": metrics.test_set_size(r["model_metrics"]),
             }
             for r in rows
             if r["model_version"] is not None

@@ -16,6 +16,7 @@ from ionflow.db import session_scope
 from ionflow.db.queries import md_runs_of_iteration, newest_model
 from ionflow.db.records import add_structure, iteration_row, record_md_run
 from ionflow.flows.context import Context, context, md_seed, reached, walker_start_seed
+from ionflow.flows.history import tracked
 from ionflow.flows.report import stage
 from ionflow.platform.device import pick_device
 from ionflow.platform.md import run_walkers
@@ -86,10 +87,11 @@ def walker_conditions(cfg: CampaignConfig, level: int) -> list[Condition]:
 
 def walker_starts(
     ctx: Context, session: Session, campaign_id: int, index: int, assigned: list[Condition]
-) -> list[Atoms]:
-    """Each walker continues from its last trusted frame of the previous iteration when it
-    ran to completion in the same charge state; otherwise (first iteration, it was stopped, or
-    its charge state changed) from a fresh rattle of the starting structure."""
+) -> list[tuple[Atoms, int | None]]:
+    """Each walker's start and the MD run it continues (None: a fresh start). A walker continues
+    from its last trusted frame of the previous iteration when it ran to completion in the same
+    charge state; otherwise (first iteration, it was stopped, or its charge state changed) from a
+    fresh rattle of the starting structure."""
     cfg = ctx.config
     fresh = rattled(
         cfg.system.atoms(), cfg.explore.walkers, cfg.explore.start_rattle_stdev, seed=walker_start_seed(cfg.seed, index)
@@ -98,17 +100,18 @@ def walker_starts(
     starts = []
     for w, condition in enumerate(assigned):
         run = by_walker.get(w)
-        start = fresh[w]
+        start, continues = fresh[w], None
         if run is not None and run.stop_reason == "completed" and run.trajectory_path:
             last = read_structures(ctx.store.path(run.trajectory_path))[-1]
             if (charge_of(last), multiplicity_of(last)) == (condition.charge, condition.multiplicity):
-                start = last
+                start, continues = last, run.id
         start.info = {"charge": condition.charge, "multiplicity": condition.multiplicity}
-        starts.append(start)
+        starts.append((start, continues))
     return starts
 
 
 @task(name="explore")
+@tracked
 def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, Any]:
     """Run ``explore.walkers`` Langevin walkers with the newest model; record each run, its
     trajectory and its sampled frames (as candidate structures); return the iteration's metrics."""
@@ -125,6 +128,7 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
         level = growth_level(ctx, session, campaign_id, index)
         assigned = walker_conditions(ctx.config, level)
         starts = walker_starts(ctx, session, campaign_id, index, assigned)
+        continues = [run_id for _, run_id in starts]
         steps = walker_steps(ctx, session, campaign_id, index)
         ramp = cfg.temperature_ramp ** (index - 1)
         temperatures = [c.temperature_K * ramp for c in assigned]
@@ -132,7 +136,7 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
         with stage(f"explore: {cfg.walkers} walkers, {kelvin} K", steps) as update:
             walkers = run_walkers(
                 ensemble,
-                starts,
+                [atoms for atoms, _ in starts],
                 steps=steps,
                 timestep_fs=cfg.timestep_fs,
                 temperature_K=temperatures,
@@ -159,6 +163,8 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
                 iteration_id=it.id,
                 model_id=model.id,
                 start_structure_id=start_row.id,
+                start_origin="rattle" if continues[w.walker] is None else "previous_run",
+                start_md_run_id=continues[w.walker],
                 walker=w.walker,
                 temperature_K=temperatures[w.walker],
                 timestep_fs=cfg.timestep_fs,
@@ -170,17 +176,23 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             )
             for frame in w.frames:
                 add_structure(
-                    session, ctx.store, frame, "md", campaign_id=campaign_id, iteration_id=it.id, md_run_id=run.id
+                    session,
+                    ctx.store,
+                    frame,
+                    "md",
+                    campaign_id=campaign_id,
+                    iteration_id=it.id,
+                    md_run_id=run.id,
+                    md_step=int(frame.info["md_step"]),
                 )
                 scores.append(frame.info["force_std_max"])
         it.metrics = {
             "explored_frames": len(scores),
-            "explored_force_std_mean": float(sum(scores) / len(scores)) if scores else None,
-            "explored_force_std_max": float(max(scores)) if scores else None,
+            "explored_force_std_mean_eV_per_A": float(sum(scores) / len(scores)) if scores else None,
+            "explored_force_std_max_eV_per_A": float(max(scores)) if scores else None,
             "walkers_stopped": sum(w.stop_reason != "completed" for w in walkers),
-            "temperature_K": max(temperatures),
+            "temperature_max_K": max(temperatures),
             "explore_level": level,
-            "conditions": sorted({str(c) for c in assigned}),
             "walker_steps": steps,
             "walker_time_fs": steps * cfg.timestep_fs,
         }
@@ -192,8 +204,8 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
             len(walkers),
             it.metrics["walkers_stopped"],
             len(scores),
-            it.metrics["explored_force_std_mean"] or 0.0,
-            it.metrics["explored_force_std_max"] or 0.0,
+            it.metrics["explored_force_std_mean_eV_per_A"] or 0.0,
+            it.metrics["explored_force_std_max_eV_per_A"] or 0.0,
         )
         return dict(it.metrics)
 

@@ -16,6 +16,7 @@ from ionflow.db.records import adopt_calculation, calculation_for, iteration_row
 from ionflow.dft_adapters.pool import label_stream
 from ionflow.flows import report
 from ionflow.flows.context import Context, context, reached
+from ionflow.flows.history import tracked
 from ionflow.flows.report import stage
 
 #: Tag of the label step: a Prefect task concurrency limit on it bounds labelling server-wide.
@@ -93,6 +94,7 @@ def _close(ctx: Context, campaign_id: int, index: int, counts: dict[str, int], r
 
 
 @task(name="label", tags=[LABEL_TAG])
+@tracked
 def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]:
     """Reference calculations of the iteration's chosen structures on ``reference.workers``
     local workers, each committed as it ends."""
@@ -106,6 +108,7 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
 
 
 @task(name="label-plan")
+@tracked
 def label_plan_task(config_path: str, campaign_id: int, index: int) -> tuple[int | None, list[int], int]:
     """The distributed label step's first part: what is still to compute (ids only)."""
     return _pending(context(config_path), campaign_id, index)
@@ -122,6 +125,7 @@ def label_chunk_task(
 
 
 @task(name="label-close")
+@tracked
 def label_close_task(config_path: str, campaign_id: int, index: int, counts: dict[str, int], reused: int) -> None:
     _close(context(config_path), campaign_id, index, counts, reused)
 

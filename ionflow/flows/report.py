@@ -18,6 +18,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ionflow.db import metrics
+
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 
@@ -51,13 +53,11 @@ CAPTION = (
 )
 
 
-def test_errors(metrics: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(energy RMSE eV/atom, force RMSE eV/Å) of an iteration's model on the current test set,
-    else on the test set of its own time, else None."""
-    for prefix in ("current_test_", "test_"):
-        if metrics.get(prefix + "forces_rmse") is not None:
-            return metrics.get(prefix + "energy_rmse"), metrics[prefix + "forces_rmse"]
-    return None, None
+def test_errors(row: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(energy RMSE eV/atom, force RMSE eV/Å) of the model of an iteration (a row of
+    :func:`ionflow.db.queries.iteration_table`) on the current test set, else on the test set of its
+    own time, else None."""
+    return metrics.test_errors(row.get("model_metrics"))
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -73,7 +73,7 @@ def _duration(seconds: float | None) -> str:
 def learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Test errors against labels trained on and against reference CPU time, one point per
     evaluated iteration, as a PNG at ``path``; None when no iteration has test errors yet."""
-    points = [r for r in rows if test_errors(r.get("metrics") or {})[1] is not None]
+    points = [r for r in rows if test_errors(r)[1] is not None]
     if not points:
         return None
     import matplotlib
@@ -81,7 +81,7 @@ def learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path |
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    errors = [test_errors(r["metrics"]) for r in points]
+    errors = [test_errors(r) for r in points]
     forces = [f for _, f in errors]
     energies = [1000 * e for e, _ in errors]
     cpu = [r.get("reference_cpu_s") or 0.0 for r in points]
@@ -118,7 +118,7 @@ def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
         table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
         m = row.get("metrics") or {}
-        e, f = test_errors(m)
+        e, f = test_errors(row)
         table.add_row(
             str(row["index"]),
             row["status"],
@@ -128,8 +128,8 @@ def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
             "-" if row["index"] == 0 else str(row["n_selected"]),
             _fmt(None if e is None else 1000 * e, ".1f"),
             _fmt(f, ".3f"),
-            _fmt(m.get("explored_force_std_mean"), ".3f"),
-            _fmt(m.get("explored_force_std_max"), ".3f"),
+            _fmt(m.get("explored_force_std_mean_eV_per_A"), ".3f"),
+            _fmt(m.get("explored_force_std_max_eV_per_A"), ".3f"),
             "-" if row.get("model_version") is None else f"v{row['model_version']}",
         )
     return table

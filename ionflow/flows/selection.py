@@ -20,6 +20,7 @@ from ionflow.db.queries import (
 )
 from ionflow.db.records import iteration_row, labelled_set, move_to_test_set, record_decision
 from ionflow.flows.context import Context, context, held_out_seed, reached, selection_seed
+from ionflow.flows.history import tracked
 from ionflow.platform.device import pick_device
 from ionflow.platform.selection import (
     HELD_OUT,
@@ -34,6 +35,7 @@ from ionflow.platform.structures import read_structures, structure_hash
 
 
 @task(name="select")
+@tracked
 def select_task(config_path: str, campaign_id: int, index: int) -> int:
     """Record a decision (score, threshold, chosen or not and why) for every frame the
     iteration's MD sampled; return how many were chosen."""
@@ -57,9 +59,9 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
         known = training + [a for _, a in labelled_set(session, ctx.store, campaign_id, settings_hash, test=True)]
         held = hold_out_for_test(ctx, session, campaign_id, it.id, index, candidates, cand_frames, known)
         rest = sorted(set(range(len(candidates))) - set(held))
-        decisions = [Decision(i, cand_frames[i].info["force_std_max"], False, HELD_OUT) for i in held]
+        decisions = [Decision(i, cand_frames[i].info["force_std_max"], False, HELD_OUT, "held_out") for i in held]
         decisions += [
-            Decision(rest[d.index], d.score, d.chosen, d.reason)
+            Decision(rest[d.index], d.score, d.chosen, d.reason, d.code, d.rank)
             for d in decide(ctx, session, campaign_id, index, [cand_frames[i] for i in rest], training, known)
         ]
         for d in sorted(decisions, key=lambda d: d.index):
@@ -73,10 +75,20 @@ def select_task(config_path: str, campaign_id: int, index: int) -> int:
                 energy_uncertainty=float(frame.info.get("energy_std", 0.0)),
                 threshold=cfg.threshold,
                 chosen=d.chosen,
+                reason_code=d.code,
                 reason=d.reason,
+                rank=d.rank,
             )
         chosen = sum(d.chosen for d in decisions)
         it.metrics = dict(it.metrics or {}, candidates=len(decisions), selected=chosen, held_out=len(held))
+        it.selection_strategy = cfg.strategy
+        it.selection_threshold = cfg.threshold
+        it.selection_ceiling = cfg.ceiling
+        it.selection_budget = cfg.per_iteration
+        it.selection_min_distance = cfg.min_distance
+        it.selection_min_novelty = cfg.min_novelty
+        it.selection_seed = selection_seed(ctx.config.seed, index)
+        it.selection_held_out = ctx.config.test.held_out_per_iteration
         it.status = "selected"
         get_run_logger().info(
             "iteration %d: %d of %d candidate frames selected for labelling (%s)",
@@ -159,4 +171,4 @@ def why_nothing_chosen(config_path: str, campaign_id: int, index: int) -> str:
     with session_scope(ctx.sessions) as session:
         it = iteration_row(session, campaign_id, index)
         rows = decisions_of_iteration(session, it.id)
-        return nothing_chosen([Decision(r.id, r.score, r.chosen, r.reason) for r in rows])
+        return nothing_chosen([Decision(r.id, r.score, r.chosen, r.reason, r.reason_code) for r in rows])

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from ionflow.db import session_scope, sha256_file
+from ionflow.db import metrics, session_scope, sha256_file, utcnow
+from ionflow.db.provenance import training_set_hash
 from ionflow.db.queries import model_of_iteration, newest_model
 from ionflow.db.records import iteration_row, labelled_set, record_model
 from ionflow.flows.context import context, reached, training_seed
+from ionflow.flows.history import tracked
 from ionflow.flows.report import stage
 from ionflow.platform.dataset import validation_flags
 from ionflow.platform.evaluation import evaluate
@@ -19,6 +21,7 @@ from ionflow.platform.training import train_ensemble
 
 
 @task(name="train")
+@tracked
 def train_task(config_path: str, campaign_id: int, index: int) -> int:
     """Fit model version ``index`` on the campaign's labels (test set excluded; the validation
     side of each label fixed by its structure's hash), record it with its training set, and
@@ -52,10 +55,26 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
                 parent=ctx.load(parent) if refine else None,
                 progress=update,
             )
-        path = save_model(ensemble, ctx.folder / "models" / f"model-v{index}.pt")
+        splits = {calc.id: "valid" if held_out else "train" for (calc, _), held_out in zip(pool, flags)}
+        provenance = {
+            "campaign": cfg.name,
+            "campaign_config_sha256": cfg.science_hash(),
+            "version": index,
+            "parent_version": parent.version if parent is not None else None,
+            "parent_sha256": parent.checkpoint_sha256 if parent is not None else None,
+            "refined_from_parent": refine,
+            "training_set_sha256": training_set_hash(
+                (a.info["structure_hash"], calc.settings_hash, splits[calc.id]) for calc, a in pool
+            ),
+            "n_train": len(train),
+            "n_valid": len(valid),
+            "reference": f"{ctx.adapter.name} {ctx.adapter.settings_hash}",
+            "created_at": utcnow().isoformat(),
+        }
+        path = save_model(ensemble, ctx.folder / "models" / f"model-v{index}.pt", provenance)
         model = record_model(
             session,
-            {calc.id: "valid" if held_out else "train" for (calc, _), held_out in zip(pool, flags)},
+            splits,
             campaign_id=campaign_id,
             iteration_id=it.id,
             version=index,
@@ -66,7 +85,7 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
                 "training": cfg.training.model_dump(),
                 "spec": ensemble.spec.to_dict(),
             },
-            metrics={"train": report.__dict__, "valid": evaluate(ensemble, valid)},
+            metrics={**metrics.training(report.__dict__), **metrics.errors("valid", evaluate(ensemble, valid))},
             checkpoint_path=str(path.relative_to(ctx.folder)),
             checkpoint_sha256=sha256_file(path),
         )

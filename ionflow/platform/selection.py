@@ -50,12 +50,16 @@ from ionflow.platform.structures import structure_hash
 
 @dataclass
 class Decision:
-    """The verdict on one frame; ``score`` is its largest per-atom force spread (eV/Å)."""
+    """The verdict on one frame; ``score`` is its largest per-atom force spread (eV/Å); ``code``
+    one of :data:`ionflow.db.models.REASON_CODES`, ``reason`` the same as a sentence with its
+    numbers; ``rank`` the frame's place (1 = first) in the order the strategy considered the frames."""
 
     index: int
     score: float
     chosen: bool
     reason: str
+    code: str
+    rank: int | None = None
 
 
 def descriptor(atoms: Atoms) -> tuple[str, np.ndarray]:
@@ -84,18 +88,12 @@ def descriptor_distance(a: tuple[str, np.ndarray], b: tuple[str, np.ndarray]) ->
 
 def nothing_chosen(decisions: Sequence[Decision]) -> str:
     """Why a campaign stops when an iteration chose no frame, from that iteration's decisions."""
-    decisions = [d for d in decisions if d.reason != HELD_OUT]
+    decisions = [d for d in decisions if d.code != "held_out"]
     if not decisions:
         return "stopped: exploration produced no candidate frame"
     kinds = {"trusted": 0, "above ceiling": 0, "other": 0}
     for d in decisions:
-        kind = (
-            "trusted"
-            if d.reason.startswith("trusted")
-            else "above ceiling"
-            if d.reason.startswith("above")
-            else "other"
-        )
+        kind = {"trusted": "trusted", "above_ceiling": "above ceiling"}.get(d.code, "other")
         kinds[kind] += 1
     if kinds["trusted"] == len(decisions):
         return "converged: no explored frame was uncertain enough to label"
@@ -123,12 +121,13 @@ def hold_out(frames: Sequence[Atoms], n: int, seed: int, labelled: Sequence[Atom
     return sorted(fresh[int(k)] for k in drawn)
 
 
-def _outside_window(score: float, threshold: float, ceiling: float) -> str | None:
-    """Why a frame with this spread is not a candidate (trusted, above the ceiling), or None."""
+def _outside_window(score: float, threshold: float, ceiling: float) -> tuple[str, str] | None:
+    """Why a frame with this spread is not a candidate (trusted, above the ceiling) as (code,
+    sentence), or None."""
     if score < threshold:
-        return f"trusted: spread {score:.3f} < threshold {threshold} eV/Å"
+        return "trusted", f"trusted: spread {score:.3f} < threshold {threshold} eV/Å"
     if score >= ceiling:
-        return f"above ceiling {ceiling} eV/Å: likely unphysical"
+        return "above_ceiling", f"above ceiling {ceiling} eV/Å: likely unphysical"
     return None
 
 
@@ -155,25 +154,25 @@ def select(
     references = [descriptor(a) for a in labelled]
     chosen_refs: list[tuple[str, np.ndarray]] = []
     n_chosen = 0
-    for i in np.argsort(-scores, kind="stable"):
+    for rank, i in enumerate(np.argsort(-scores, kind="stable"), start=1):
         s = float(scores[i])
-        reason = _outside_window(s, threshold, ceiling)
-        if reason is None and structure_hash(frames[i]) in known_hashes:
-            reason = LABELLED
-        if reason is not None:
-            decisions[i] = Decision(int(i), s, False, reason)
+        why = _outside_window(s, threshold, ceiling)
+        if why is None and structure_hash(frames[i]) in known_hashes:
+            why = "already_labelled", LABELLED
+        if why is not None:
+            decisions[i] = Decision(int(i), s, False, why[1], why[0], rank)
             continue
         desc = descriptor(frames[i])
         nearest = min((descriptor_distance(desc, r) for r in references + chosen_refs), default=float("inf"))
         if nearest < min_distance:
-            decisions[i] = Decision(
-                int(i), s, False, f"near-duplicate: {nearest:.3f} Å from a labelled or chosen frame"
-            )
+            reason = f"near-duplicate: {nearest:.3f} Å from a labelled or chosen frame"
+            decisions[i] = Decision(int(i), s, False, reason, "near_duplicate", rank)
             continue
         if n_chosen >= per_iteration:
-            decisions[i] = Decision(int(i), s, False, f"budget: {per_iteration} frames already chosen")
+            decisions[i] = Decision(int(i), s, False, f"budget: {per_iteration} frames already chosen", "budget", rank)
             continue
-        decisions[i] = Decision(int(i), s, True, f"uncertain: spread {s:.3f} >= threshold {threshold} eV/Å")
+        reason = f"uncertain: spread {s:.3f} >= threshold {threshold} eV/Å"
+        decisions[i] = Decision(int(i), s, True, reason, "uncertain", rank)
         chosen_refs.append(desc)
         n_chosen += 1
     return [decisions[i] for i in range(len(frames))]
@@ -192,16 +191,18 @@ def select_random(
     known = {structure_hash(a) for a in labelled}
     decisions: dict[int, Decision] = {}
     n_chosen = 0
-    for i in np.random.default_rng(seed).permutation(len(frames)):
+    for rank, i in enumerate(np.random.default_rng(seed).permutation(len(frames)), start=1):
         s, key = float(scores[i]), structure_hash(frames[i])
         if key in known:
-            decisions[i] = Decision(int(i), s, False, LABELLED)
+            decisions[i] = Decision(int(i), s, False, LABELLED, "already_labelled", rank)
         elif n_chosen < per_iteration:
-            decisions[i] = Decision(int(i), s, True, f"random pick (spread {s:.3f} eV/Å, not used)")
+            reason = f"random pick (spread {s:.3f} eV/Å, not used)"
+            decisions[i] = Decision(int(i), s, True, reason, "random_pick", rank)
             known.add(key)
             n_chosen += 1
         else:
-            decisions[i] = Decision(int(i), s, False, f"random: not drawn ({per_iteration} frames drawn)")
+            reason = f"random: not drawn ({per_iteration} frames drawn)"
+            decisions[i] = Decision(int(i), s, False, reason, "not_drawn", rank)
     return [decisions[i] for i in range(len(frames))]
 
 
@@ -237,14 +238,15 @@ def select_diverse(
     n_chosen = 0
     while open_ and n_chosen < per_iteration:
         for i in [i for i in open_ if frame_novelty(i) <= min_novelty]:
-            decisions[i] = Decision(i, float(scores[i]), False, covered(i))
+            decisions[i] = Decision(i, float(scores[i]), False, covered(i), "covered")
             open_.remove(i)
         if not open_:
             break
         best = max(open_, key=lambda i: (_gain(float(scores[i]), frame_novelty(i)), float(scores[i])))
         s, nu = float(scores[best]), frame_novelty(best)
         symbol = chemical_symbols[int(envs[best].numbers[int(atom_novelty[best].argmax())])]
-        decisions[best] = Decision(best, s, True, f"diverse: spread {s:.3f} eV/Å, novelty {nu:.2f} ({symbol})")
+        reason = f"diverse: spread {s:.3f} eV/Å, novelty {nu:.2f} ({symbol})"
+        decisions[best] = Decision(best, s, True, reason, "diverse", n_chosen + 1)
         open_.remove(best)
         n_chosen += 1
         added = by_element([envs[best]], max_per_element)  # the batch so far joins the reference
@@ -252,10 +254,15 @@ def select_diverse(
             atom_novelty[i] = torch.minimum(atom_novelty[i], novelty(envs[i], added, scales))
     for i in open_:
         s, nu = float(scores[i]), frame_novelty(i)
-        reason = (
-            covered(i) if nu <= min_novelty else f"budget: {per_iteration} frames already chosen (novelty {nu:.2f})"
-        )
-        decisions[i] = Decision(i, s, False, reason)
+        if nu <= min_novelty:
+            decisions[i] = Decision(i, s, False, covered(i), "covered")
+        else:
+            reason = f"budget: {per_iteration} frames already chosen (novelty {nu:.2f})"
+            decisions[i] = Decision(i, s, False, reason, "budget")
+    # the picks in the order taken, then every other frame by spread, high to low
+    rest = sorted((i for i, d in decisions.items() if not d.chosen), key=lambda i: (-float(scores[i]), i))
+    for rank, i in enumerate(rest, start=n_chosen + 1):
+        decisions[i].rank = rank
     return [decisions[i] for i in range(len(frames))]
 
 
@@ -269,11 +276,11 @@ def _candidates(
     candidates: list[int] = []
     for i in map(int, np.argsort(-scores, kind="stable")):
         s = float(scores[i])
-        reason = _outside_window(s, threshold, ceiling)
-        if reason is None and structure_hash(frames[i]) in known:
-            reason = LABELLED
-        if reason is not None:
-            decisions[i] = Decision(i, s, False, reason)
+        why = _outside_window(s, threshold, ceiling)
+        if why is None and structure_hash(frames[i]) in known:
+            why = "already_labelled", LABELLED
+        if why is not None:
+            decisions[i] = Decision(i, s, False, why[1], why[0])
         else:
             candidates.append(i)
     return decisions, candidates

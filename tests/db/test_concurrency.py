@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from sqlalchemy import func, select
-from test_db import url  # noqa: F401  (the SQLite / PostgreSQL database fixture; tests/db is on sys.path)
 from writer import OWN, SHARED
 
 from ionflow.db import make_engine, session_factory, session_scope, upgrade

@@ -8,11 +8,9 @@ PostgreSQL too, each in a fresh schema that is dropped afterwards.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,8 +20,7 @@ from alembic.migration import MigrationContext
 from ase import Atoms
 from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
-from sqlalchemy import Engine, create_engine, event, inspect, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, event, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from ionflow.db import (
@@ -51,7 +48,6 @@ from ionflow.db.records import add_structure, adopt_calculation, labelled_set, r
 from ionflow.dft_adapters.base import LabelResult
 from ionflow.platform.structures import structure_hash
 
-POSTGRES_URL = os.environ.get("IONFLOW_TEST_POSTGRES_URL")
 TABLES = {
     "campaign",
     "iteration",
@@ -62,37 +58,8 @@ TABLES = {
     "model_training_member",
     "md_run",
     "selection_decision",
+    "prefect_run",
 }
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(not POSTGRES_URL, reason="IONFLOW_TEST_POSTGRES_URL is not set"),
-        ),
-    ]
-)
-def url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """An empty database: a SQLite file, or a fresh PostgreSQL schema dropped afterwards."""
-    if request.param == "sqlite":
-        yield sqlite_url(tmp_path / "db" / "ionflow.db")
-        return
-    schema = f"ionflow_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield (
-            make_url(POSTGRES_URL)
-            .update_query_dict({"options": f"-csearch_path={schema}"})
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture
@@ -163,7 +130,7 @@ def test_upgrade_twice_is_a_noop(url: str) -> None:
         _campaign(session)
     upgrade(url)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0002"
+        assert MigrationContext.configure(conn).get_current_revision() == "0003"
         assert conn.execute(select(Campaign.name)).scalars().all() == ["water"]
     engine.dispose()
 
@@ -406,6 +373,7 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
                 score=0.3 if chosen else 0.05,
                 threshold=0.1,
                 chosen=chosen,
+                reason_code="uncertain" if chosen else "trusted",
                 reason="above threshold" if chosen else "below threshold",
             )
         )
@@ -445,7 +413,14 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
     s6 = _structure(session, store, frames[5], origin="md", campaign=campaign, iteration=it1, md_run=r1)
     session.add(
         SelectionDecision(
-            iteration=it1, structure=s6, md_run=r1, score=0.2, threshold=0.1, chosen=True, reason="above threshold"
+            iteration=it1,
+            structure=s6,
+            md_run=r1,
+            score=0.2,
+            threshold=0.1,
+            chosen=True,
+            reason_code="uncertain",
+            reason="above threshold",
         )
     )
     c6 = _calculation(session, s6, iteration=it1)
@@ -488,6 +463,7 @@ def _build_campaign(session, store: ObjectStore) -> dict[str, int]:
             score=0.05,
             threshold=0.1,
             chosen=False,
+            reason_code="trusted",
             reason="below threshold",
         )
     )
@@ -523,6 +499,7 @@ def test_iteration_table_counts(engine: Engine, tmp_path) -> None:
             "n_training_labels": 3,
             "reference_cpu_s": 3.0,  # s3 and the failed s4, computed in iteration 0: wall time, CPU unknown
             "metrics": {"force_rmse": 0.2},
+            "model_metrics": {},
         },
         {
             "index": 1,
@@ -535,6 +512,7 @@ def test_iteration_table_counts(engine: Engine, tmp_path) -> None:
             "n_training_labels": 4,
             "reference_cpu_s": 3.25,  # + s6's CPU time
             "metrics": {},
+            "model_metrics": {},
         },
     ]
 
@@ -681,7 +659,11 @@ def test_a_candidate_labelled_elsewhere_is_a_label_once_chosen(engine: Engine, t
         session.add_all([a1, b0, b1])
         session.flush()
         x = add_structure(session, store, frame, "md", a.id, iteration_id=a1.id)
-        session.add(SelectionDecision(iteration=a1, structure=x, score=0.3, threshold=0.1, chosen=True, reason="up"))
+        session.add(
+            SelectionDecision(
+                iteration=a1, structure=x, score=0.3, threshold=0.1, chosen=True, reason_code="uncertain", reason="up"
+            )
+        )
         record_calculation(session, store, x, _label(frame), "tblite", {}, a1.id)
         add_structure(session, store, frame, "md", b.id, iteration_id=b1.id)
         ids = {"a": a.id, "b": b.id, "b1": b1.id}
@@ -694,7 +676,13 @@ def test_a_candidate_labelled_elsewhere_is_a_label_once_chosen(engine: Engine, t
         assert [row["n_labels"] for row in iteration_table(session, ids["b"])] == [0, 0]
         session.add(
             SelectionDecision(
-                iteration_id=ids["b1"], structure_id=x.id, score=0.3, threshold=0.1, chosen=True, reason="up"
+                iteration_id=ids["b1"],
+                structure_id=x.id,
+                score=0.3,
+                threshold=0.1,
+                chosen=True,
+                reason_code="uncertain",
+                reason="up",
             )
         )
     with session_scope(sessions) as session:

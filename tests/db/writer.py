@@ -91,6 +91,7 @@ def main(url: str, store_root: str, k: int) -> None:
                     energy_uncertainty=0.0,
                     threshold=0.1,
                     chosen=True,
+                    reason_code="uncertain",
                     reason="above threshold",
                 )
             )

@@ -50,8 +50,10 @@ def test_campaign_runs_every_iteration(finished):
         assert [it.index for it in iterations] == [0, 1, 2]
         assert all(it.status == "done" and it.finished_at is not None for it in iterations)
         for it in iterations:
-            assert it.metrics["test_forces_rmse"] > 0
-            assert it.metrics["test_n"] == 3
+            assert it.metrics["test_set_n_structures"] == 3
+            (model,) = it.models
+            assert model.metrics["test_forces_rmse_eV_per_A"] > 0
+            assert model.metrics["test_n_structures"] == 3
 
 
 def test_every_selected_frame_is_labelled_and_trained_on(finished):
@@ -97,7 +99,7 @@ def test_models_form_a_lineage_with_verified_files(finished):
         for m in models:
             path = ctx.store.path(m.checkpoint_path)
             assert sha256_file(path) == m.checkpoint_sha256
-            assert m.metrics["test"]["n"] == 3
+            assert m.metrics["test_n_structures"] == 3
         runs = s.scalars(select(MDRun)).all()
         assert len(runs) == 2 * 2
         assert {r.model_id for r in runs} == {models[0].id, models[1].id}
@@ -194,7 +196,7 @@ def test_campaign_with_a_shallow_ensemble(tmp_path, prefect_server):
             # the calibration fitted on the validation labels travels in the file and the database
             assert m.hyperparameters["spec"]["calibration"] == model.spec.calibration
             assert model.spec.calibration != {"energy": 1.0, "forces": 1.0}
-            assert m.metrics["valid"]["force_z_rms"] == pytest.approx(1.0, rel=1e-6)
+            assert m.metrics["valid_force_z_rms"] == pytest.approx(1.0, rel=1e-6)
 
 
 def test_walkers_grow_with_trust_and_the_campaign_stops_when_fit_for_md(tmp_path, prefect_server):
@@ -217,6 +219,6 @@ def test_walkers_grow_with_trust_and_the_campaign_stops_when_fit_for_md(tmp_path
         ).all()
         assert [tuple(r) for r in runs] == [(1, 10, 10), (1, 10, 10), (2, 20, 20), (2, 20, 20)]
         last = s.scalar(select(Iteration).where(Iteration.index == 2))
-        assert last.status == "done" and last.metrics["stop_reason"] == summary["stop_reason"]
+        assert last.status == "done" and last.stop_reason == summary["stop_reason"]
         assert count(s, SelectionDecision, SelectionDecision.iteration_id == last.id) == 0  # nothing more to label
         assert count(s, Model) == 2  # v0 and v1: the model that passed is v1

@@ -128,7 +128,7 @@ def test_each_model_is_trained_on_its_campaigns_full_pool(shared):
             trained_on = [{t.calculation_id for t in m.training_members} for m in models]
             assert trained_on[0] == _ok_calculations(s, bootstrap) and len(trained_on[0]) == N_TRAIN
             assert trained_on[-1] == _ok_calculations(s, bootstrap | chosen)  # the newest: the whole pool
-            assert all(m.metrics["test"]["n"] == N_TEST for m in models)
+            assert all(m.metrics["test_n_structures"] == N_TEST for m in models)
 
 
 def test_iteration_tables_report_each_campaigns_own_labels(shared):

@@ -59,13 +59,15 @@ def test_held_out_frames_and_file_form_a_test_set_that_never_trains(tmp_path, pr
     summary = campaign_flow(str(path))
     assert summary["stop_reason"] == "finished 2 iterations"
     metrics = [row["metrics"] for row in summary["iterations"]]
+    errors = [row["model_metrics"] for row in summary["iterations"]]
     # the test set grows: the file's 2 frames, then 2 held-out explored frames per iteration
-    assert [m["test_n"] for m in metrics] == [2, 4, 6]
-    assert metrics[2]["test_n_test-md"] == 4 and metrics[2]["test_n_test-file"] == 2
+    assert [m["test_set_n_structures"] for m in metrics] == [2, 4, 6]
+    assert [m["test_n_structures"] for m in errors] == [2, 4, 6]
+    assert metrics[2]["test_set_n_test-md"] == 4 and metrics[2]["test_set_n_test-file"] == 2
     # every model is evaluated again on the final test set; iteration 2's own errors are those
-    assert all(m["current_test_n"] == 6 for m in metrics)
-    assert metrics[2]["current_test_forces_rmse"] == metrics[2]["test_forces_rmse"]
-    assert metrics[0]["current_test_forces_rmse"] != metrics[0]["test_forces_rmse"]
+    assert all(m["current_test_n_structures"] == 6 for m in errors)
+    assert errors[2]["current_test_forces_rmse_eV_per_A"] == errors[2]["test_forces_rmse_eV_per_A"]
+    assert errors[0]["current_test_forces_rmse_eV_per_A"] != errors[0]["test_forces_rmse_eV_per_A"]
 
     with open_db(path) as session:
         test_members = session.execute(
@@ -114,8 +116,8 @@ def test_held_out_frames_and_file_form_a_test_set_that_never_trains(tmp_path, pr
     # training.from_scratch: every version trained afresh (epochs, not finetune_epochs); lineage kept
     with open_db(path) as session:
         models = session.scalars(select(Model).order_by(Model.version)).all()
-        assert [m.metrics["train"]["from_parent"] for m in models] == [False] * 3
-        assert [m.metrics["train"]["epochs"] for m in models] == [FAST["epochs"]] * 3
+        assert [m.metrics["train_from_parent"] for m in models] == [False] * 3
+        assert [m.metrics["train_n_epochs"] for m in models] == [FAST["epochs"]] * 3
         assert [m.parent_id for m in models[1:]] == [m.id for m in models[:-1]]
 
 
@@ -134,8 +136,9 @@ def test_a_labelled_test_file_is_used_as_given(tmp_path, prefect_server):
     )
     path = write_campaign(tmp_path, config)
     summary = campaign_flow(str(path))
-    final = summary["iterations"][-1]["metrics"]
-    assert final["test_n"] == 3 and final["test_n_test-file"] == 3
+    composition = summary["iterations"][-1]["metrics"]
+    assert composition["test_set_n_structures"] == 3 and composition["test_set_n_test-file"] == 3
+    final = summary["iterations"][-1]["model_metrics"]
     with open_db(path) as session:
         hashes = set(session.scalars(select(Structure.hash).join(Calculation)).all())
         assert not hashes & {structure_hash(a) for a in given}
@@ -145,6 +148,6 @@ def test_a_labelled_test_file_is_used_as_given(tmp_path, prefect_server):
 
     ensemble = load_model(context(str(path.resolve())).store.path(checkpoint))
     by_hand = evaluate(ensemble, given)  # unrounded positions: the file keeps 8 significant digits
-    assert np.isclose(final["test_energy_rmse"], by_hand["energy_rmse"], rtol=1e-5)
-    assert np.isclose(final["test_forces_rmse"], by_hand["forces_rmse"], rtol=1e-5)
-    assert final["test_energy_rmse"] > 1.0 / 7 * 0.5  # the 1 eV shift (1/7 eV per atom) shows
+    assert np.isclose(final["test_energy_rmse_eV_per_atom"], by_hand["energy_rmse"], rtol=1e-5)
+    assert np.isclose(final["test_forces_rmse_eV_per_A"], by_hand["forces_rmse"], rtol=1e-5)
+    assert final["test_energy_rmse_eV_per_atom"] > 1.0 / 7 * 0.5  # the 1 eV shift (1/7 eV per atom) shows

@@ -128,9 +128,9 @@ def test_descriptor_separates_compositions(h3o):
 
 
 def test_nothing_chosen_says_why():
-    trusted = Decision(0, 0.01, False, "trusted: spread 0.010 < threshold 0.05 eV/Å")
-    wild = Decision(1, 9.0, False, "above ceiling 2.0 eV/Å: likely unphysical")
-    dup = Decision(2, 0.3, False, "already labelled (same structure hash)")
+    trusted = Decision(0, 0.01, False, "trusted: spread 0.010 < threshold 0.05 eV/Å", "trusted")
+    wild = Decision(1, 9.0, False, "above ceiling 2.0 eV/Å: likely unphysical", "above_ceiling")
+    dup = Decision(2, 0.3, False, "already labelled (same structure hash)", "already_labelled")
     assert nothing_chosen([trusted, trusted]).startswith("converged")
     reason = nothing_chosen([wild, trusted, dup])
     assert reason.startswith("stopped") and "1 above the ceiling" in reason and "selection.ceiling" in reason

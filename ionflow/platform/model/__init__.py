@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ionflow.platform.model.calculator import CommitteeCalculator, EnsembleCalculator, load_calculator
 from ionflow.platform.model.ensemble import Committee, Ensemble, ModelSpec, ShallowEnsemble, build_ensemble
-from ionflow.platform.model.files import load_model, save_model
+from ionflow.platform.model.files import load_model, read_provenance, save_model
 from ionflow.platform.model.graph import build_batch
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "build_batch",
     "load_calculator",
     "load_model",
+    "read_provenance",
     "save_model",
 ]

@@ -8,6 +8,7 @@ to unpickle arbitrary objects: opening a model file cannot run code.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,8 +23,14 @@ FORMAT_VERSION = 4
 READABLE = {(FORMAT, FORMAT_VERSION), ("ionflow-committee", 3)}
 
 
-def save_model(ensemble: Ensemble, path: str | Path) -> Path:
-    """Write a committee or shallow ensemble to ``path`` atomically (a crash never leaves half a file)."""
+def save_model(ensemble: Ensemble, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write a committee or shallow ensemble to ``path`` atomically (a crash never leaves half a file).
+
+    ``provenance`` (plain strings and numbers: campaign, version, parent, training-set hash, ...)
+    travels in the file, so a model copied away from its campaign still says where it came from
+    (:func:`read_provenance`); the ionflow version that wrote it is always added."""
+    from ionflow import __version__
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -31,6 +38,7 @@ def save_model(ensemble: Ensemble, path: str | Path) -> Path:
         "format_version": FORMAT_VERSION,
         "spec": ensemble.spec.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in ensemble.state_dict().items()},
+        "provenance": {**(provenance or {}), "ionflow_version": __version__},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
@@ -38,9 +46,25 @@ def save_model(ensemble: Ensemble, path: str | Path) -> Path:
     return path
 
 
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """Where the model in ``path`` came from, as :func:`save_model` recorded it (``{}`` for files
+    written before ionflow kept it); read safely (weights only), no model is built."""
+    payload = _payload(Path(path), "cpu")
+    return dict(payload.get("provenance") or {})
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
     """Read a model file written by :func:`save_model`, or by ionflow's version-3 format (safe: weights only)."""
-    path = Path(path)
+    payload = _payload(Path(path), device)
+    spec = ModelSpec(**payload["spec"])
+    ensemble = build_ensemble(spec, seeds=spec.seeds)
+    ensemble.load_state_dict(payload["state_dict"])
+    ensemble.eval()
+    return ensemble.to(device)
+
+
+def _payload(path: Path, device: str | torch.device) -> dict[str, Any]:
+    """The checked contents of a model file."""
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     try:
@@ -56,8 +80,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Ensemble
             f"supported (this ionflow reads version {FORMAT_VERSION}, and version 3 of 'ionflow-committee'); "
             "retrain the model with this version"
         )
-    spec = ModelSpec(**payload["spec"])
-    ensemble = build_ensemble(spec, seeds=spec.seeds)
-    ensemble.load_state_dict(payload["state_dict"])
-    ensemble.eval()
-    return ensemble.to(device)
+    return payload
