@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from ionflow.db import make_engine, model_lineage, session_factory, session_scope, sqlite_url, upgrade, utcnow
 from ionflow.db import models as orm
+from ionflow.db.provenance import lineage
 
 ITERATIONS, RUNS, FRAMES, CHOSEN, BOOTSTRAP = 100, 10, 100, 10, 20
 
@@ -63,7 +65,7 @@ def populate(url: str) -> int:
         sid = 0
         labelled: list[int] = []
 
-        def structure(origin: str, iteration: int, run: int | None) -> int:
+        def structure(origin: str, iteration: int, run: int | None, step: int | None = None) -> int:
             nonlocal sid
             sid += 1
             structures.append(
@@ -84,6 +86,7 @@ def populate(url: str) -> int:
                     "structure_id": sid,
                     "iteration_id": iteration + 1,
                     "md_run_id": run,
+                    "md_step": step,
                     "origin": origin,
                     "created_at": now,
                 }
@@ -134,7 +137,7 @@ def populate(url: str) -> int:
                     }
                 )
                 for f in range(FRAMES):
-                    s = structure("md", it, run_id)
+                    s = structure("md", it, run_id, step=10 * (f + 1))
                     chosen = w == 0 and f < CHOSEN
                     decisions.append(
                         {
@@ -146,6 +149,7 @@ def populate(url: str) -> int:
                             "threshold": 0.1,
                             "chosen": chosen,
                             "reason_code": "uncertain" if chosen else "trusted",
+                            "rank": w * FRAMES + f + 1,
                             "reason": "selected" if chosen else "below threshold",
                             "created_at": now,
                         }
@@ -196,21 +200,53 @@ def populate(url: str) -> int:
     return ITERATIONS + 1
 
 
-def measure(url: str, model_id: int, repeats: int) -> tuple[float, dict[str, int]]:
+def measure(url: str, model_id: int, repeats: int) -> dict[str, tuple[float, dict[str, int]]]:
+    """Median seconds of the ORM lineage (``model_lineage``) and of what ``ionflow lineage`` asks
+    (``provenance.lineage``: the parent chain, the training members through the view
+    ``ionflow_training_set`` with their MD run, step and decision, the counts)."""
     engine = make_engine(url)
     sessions = session_factory(engine)
-    times = []
-    sizes = {}
-    for r in range(repeats + 1):
-        with session_scope(sessions) as session:
-            start = time.perf_counter()
-            lineage = model_lineage(session, model_id)
-            elapsed = time.perf_counter() - start
-            sizes = {k: len(v) for k, v in lineage.items() if isinstance(v, list)}
-        if r:  # the first is a warm-up
-            times.append(elapsed)
+    out = {}
+    for name, ask in (
+        ("model_lineage", lambda session: model_lineage(session, model_id)),
+        ("ionflow lineage", lambda session: lineage(session, session.get(orm.Model, model_id))),
+    ):
+        times, sizes = [], {}
+        for r in range(repeats + 1):
+            with session_scope(sessions) as session:
+                start = time.perf_counter()
+                found = ask(session)
+                elapsed = time.perf_counter() - start
+                sizes = {k: len(v) for k, v in found.items() if isinstance(v, list)}
+            if r:  # the first is a warm-up
+                times.append(elapsed)
+        out[name] = (statistics.median(times), sizes)
     engine.dispose()
-    return statistics.median(times), sizes
+    return out
+
+
+def databases(postgres: str | None, prefix: str) -> Iterator[tuple[str, str]]:
+    """(name, URL) of an empty, migrated SQLite file and, with ``postgres``, of a fresh schema
+    there; each is dropped once the caller moves on to the next."""
+    with tempfile.TemporaryDirectory() as tmp:
+        url = sqlite_url(Path(tmp) / f"{prefix}.db")
+        upgrade(url)
+        yield "SQLite (file)", url
+    if not postgres:
+        return
+    schema = f"ionflow_{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(postgres)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = make_url(postgres).update_query_dict({"options": f"-csearch_path={schema}"})
+        url = url.render_as_string(hide_password=False)
+        upgrade(url)
+        yield "PostgreSQL (127.0.0.1)", url
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def main() -> None:
@@ -220,40 +256,20 @@ def main() -> None:
     args = parser.parse_args()
 
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        url = sqlite_url(Path(tmp) / "lineage.db")
-        upgrade(url)
+    for name, url in databases(args.postgres, "lineage"):
         t = time.perf_counter()
         model_id = populate(url)
-        print(f"sqlite: populated in {time.perf_counter() - t:.0f} s", flush=True)
-        results.append(("SQLite (file)", *measure(url, model_id, args.repeats)))
-    if args.postgres:
-        schema = f"ionflow_bench_{uuid.uuid4().hex[:8]}"
-        admin = create_engine(args.postgres)
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        try:
-            url = (
-                make_url(args.postgres)
-                .update_query_dict({"options": f"-csearch_path={schema}"})
-                .render_as_string(hide_password=False)
-            )
-            upgrade(url)
-            t = time.perf_counter()
-            model_id = populate(url)
-            print(f"postgresql: populated in {time.perf_counter() - t:.0f} s", flush=True)
-            results.append(("PostgreSQL (127.0.0.1)", *measure(url, model_id, args.repeats)))
-        finally:
-            with admin.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            admin.dispose()
+        print(f"{name}: populated in {time.perf_counter() - t:.0f} s", flush=True)
+        results.append((name, measure(url, model_id, args.repeats)))
 
-    print(f"\n{date.today()}: model_lineage of the newest model, 100,000 structures, median of {args.repeats}")
-    print("| database | lineage (ms) | ancestors | members | structures | md_runs | decisions |")
+    print(f"\n{date.today()}: lineage of the newest model, 100,000 structures, median of {args.repeats}")
+    print("| database | model_lineage (ms) | ionflow lineage (ms) | ancestors | members | md_runs | decisions |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, seconds, sizes in results:
+    for name, found in results:
+        (orm_s, sizes), (cli_s, cli_sizes) = found["model_lineage"], found["ionflow lineage"]
         print(
-            f"| {name} | {1000 * seconds:.1f} | {sizes['ancestors']} | {sizes['members']} | {sizes['structures']} | {sizes['md_runs']} | {sizes['decisions']} |"
+            f"| {name} | {1000 * orm_s:.1f} | {1000 * cli_s:.1f} | {sizes['ancestors']} | {cli_sizes['members']} "
+            f"| {sizes['md_runs']} | {sizes['decisions']} |"
         )
 
 

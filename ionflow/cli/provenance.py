@@ -78,6 +78,15 @@ def open_target(target: Target) -> Iterator[tuple[Any, Any]]:
         engine = read_only_engine(target.url)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    from ionflow.db.session import schema_problem
+
+    try:
+        problem = schema_problem(engine)
+    except (OperationalError, ProgrammingError) as exc:
+        problem = f"cannot read it: {str(exc).splitlines()[0]}"
+    if problem is not None:
+        engine.dispose()
+        fail(f"{shown_url(target.url)}: {problem}")
     session = session_factory(engine)()
     try:
         try:
@@ -447,3 +456,29 @@ def db_shell(
     env["PGOPTIONS"] = " ".join(filter(None, [url.query.get("options"), "-c default_transaction_read_only=on"]))
     plain = url.set(drivername="postgresql", password=None, query={})
     os.execve(program, [program, plain.render_as_string(hide_password=False)], env)
+
+
+# --- ui ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def ui(
+    target: str = typer.Argument(".", help=TARGET_HELP + " (default: the campaign folder here)"),
+    host: str = typer.Option("127.0.0.1", help="Address to serve on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8765, min=1, max=65535, help="Port to serve on."),
+) -> None:
+    """Serve the campaign dashboard (read-only): learning curves, calibration, selection, failures,
+    models with parity plots, structures in 3D; every campaign of the database."""
+    resolved = resolve_target(target, None)
+    import uvicorn
+
+    from ionflow.ui.app import create_app
+
+    try:
+        app_ = create_app(resolved.url, resolved.folder)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    Console(stderr=True, highlight=False).print(
+        f"ionflow dashboard on http://{host}:{port}/ ({shown_url(resolved.url)}); Ctrl-C stops it"
+    )
+    uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -27,7 +27,7 @@ from ionflow.db.models import (
     Structure,
     TrainingMember,
 )
-from ionflow.db.queries import TEST_ORIGINS, model_lineage
+from ionflow.db.queries import TEST_ORIGINS, follow_indexes, model_ancestors
 from ionflow.db.views import cased
 
 
@@ -54,10 +54,17 @@ def find_model(session: Session, campaign_id: int, version: int | None = None) -
 
 
 def _members(session: Session, model_id: int) -> list[dict[str, Any]]:
-    rows = session.execute(
+    result = session.execute(
         text("SELECT * FROM ionflow_training_set WHERE model_id = :m ORDER BY calculation_id"), {"m": model_id}
     )
-    return [cased(dict(r._mapping)) for r in rows]
+    return _dicts(result)
+
+
+def _dicts(result: Any) -> list[dict[str, Any]]:
+    """The rows of a view's result as dicts keyed by the documented column names (one renaming
+    for the result, not one per row: a model's training set has thousands of rows)."""
+    keys = list(cased(dict.fromkeys(result.keys())))
+    return [dict(zip(keys, row)) for row in result.tuples()]
 
 
 def lineage(session: Session, model: Model) -> dict[str, Any]:
@@ -66,7 +73,8 @@ def lineage(session: Session, model: Model) -> dict[str, Any]:
     its training members (calculation, structure, split, origin, iteration, MD run and step, the
     decision that chose it), with counts by split, origin and reason."""
     campaign = session.get(Campaign, model.campaign_id)
-    found = model_lineage(session, model.id)  # the parent chain in one recursive query
+    follow_indexes(session)
+    ancestors = model_ancestors(session, model.id, columns=True)
     members = _members(session, model.id)
     by = Counter((m["split"], m["origin"] or "-", m["chosen_because"] or "-") for m in members)
     iteration = session.get(Iteration, model.iteration_id) if model.iteration_id is not None else None
@@ -84,7 +92,7 @@ def lineage(session: Session, model: Model) -> dict[str, Any]:
         "kind": model.kind,
         "iteration_index": iteration.index if iteration is not None else None,
         "created_at": model.created_at.isoformat(),
-        "parents": [{"version": p.version, "model_id": p.id, "kind": p.kind} for p in found["ancestors"]],
+        "parents": [{"version": p.version, "model_id": p.id, "kind": p.kind} for p in ancestors],
         "hyperparameters": model.hyperparameters,
         "metrics": model.metrics or {},
         "checkpoint_path": model.checkpoint_path,
@@ -112,8 +120,7 @@ def decisions(session: Session, campaign_id: int, iteration: int | None = None) 
     if iteration is not None:
         sql += " AND iteration_index = :i"
         params["i"] = iteration
-    rows = session.execute(text(sql + " ORDER BY iteration_index, decision_id"), params)
-    return [cased(dict(r._mapping)) for r in rows]
+    return _dicts(session.execute(text(sql + " ORDER BY iteration_index, decision_id"), params))
 
 
 def calculations(session: Session, campaign_id: int) -> list[dict[str, Any]]:

@@ -132,6 +132,30 @@ def upgrade(url: str, revision: str = "head") -> None:
         engine.dispose()
 
 
+def head_revision() -> str:
+    """The newest schema revision this ionflow ships."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
+
+
+def schema_problem(engine: Engine) -> str | None:
+    """Why a reader cannot use the database behind ``engine`` (no ionflow schema, or one older or
+    newer than this ionflow's), or None. Reads only."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        found = MigrationContext.configure(connection).get_current_revision()
+    head = head_revision()
+    if found is None:
+        return "it holds no ionflow database (no schema revision)"
+    if found != head:
+        return f"its schema is at revision {found}, this ionflow reads {head}: " + (
+            "run `ionflow db upgrade TARGET` first" if found < head else "use the newer ionflow that wrote it"
+        )
+    return None
+
+
 def current_revision(url: str) -> str | None:
     """The Alembic revision the database at ``url`` is at (None: no schema yet)."""
     from alembic.runtime.migration import MigrationContext

@@ -8,11 +8,11 @@ from prefect import task
 from ionflow.db import session_scope
 from ionflow.db.records import add_structure, iteration_row
 from ionflow.flows.context import bootstrap_seeds, context, reached
-from ionflow.flows.history import tracked
+from ionflow.flows.history import run_name, tracked
 from ionflow.platform.structures import rattled
 
 
-@task(name="bootstrap")
+@task(name="bootstrap", task_run_name=run_name("bootstrap"))
 @tracked(index=0)
 def bootstrap_task(config_path: str, campaign_id: int) -> int:
     """Add ``bootstrap.n_train`` training and ``bootstrap.n_test`` test structures to iteration 0

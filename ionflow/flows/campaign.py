@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from ionflow.db import calculation_outcomes, iteration_table, metrics, session_scope
 from ionflow.db.queries import newest_model, usable_label_count
@@ -32,6 +32,42 @@ log = logging.getLogger("ionflow")
 
 #: The learning curve's picture, in the campaign folder (rewritten after every iteration).
 LEARNING_CURVE = "learning_curve.png"
+#: Predicted against real error of every model, in the campaign folder (rewritten likewise).
+CALIBRATION = "calibration.png"
+#: Where ``ionflow ui`` serves the dashboard, for the Prefect link artifact (``IONFLOW_UI_URL``).
+DASHBOARD_URL = "http://127.0.0.1:8765"
+
+
+def dashboard_url(campaign_id: int) -> str:
+    """The campaign's dashboard page (``$IONFLOW_UI_URL``, default ``ionflow ui``'s address)."""
+    import os
+
+    return f"{os.environ.get('IONFLOW_UI_URL', DASHBOARD_URL).rstrip('/')}/campaign/{campaign_id}"
+
+
+def iteration_report(folder: Path, name: str, campaign_id: int, index: int, row: dict[str, Any]) -> str:
+    """Markdown for the Prefect UI: the iteration's numbers, the learning curve and the calibration
+    as images (embedded, so the artifact does not depend on the campaign folder being reachable)."""
+    import base64
+
+    e, f = report.test_errors(row)
+    lines = [
+        f"## {name}: iteration {index}",
+        "",
+        f"- labels so far: {row['n_labels']}, trained on: {row['n_training_labels'] or '-'}",
+        f"- frames selected: {row['n_selected']}, failed calculations: {row['n_failed']}",
+        f"- reference CPU so far: {row['reference_cpu_s']:.0f} s",
+        f"- test errors of model v{row['model_version']}: "
+        + (f"{1000 * e:.2f} meV/atom, {f:.4f} eV/Å" if f is not None else "not tested"),
+        f"- dashboard: [{dashboard_url(campaign_id)}]({dashboard_url(campaign_id)})",
+        "",
+    ]
+    for picture, caption in ((LEARNING_CURVE, "learning curve"), (CALIBRATION, "uncertainty calibration")):
+        path = folder / picture
+        if path.is_file():
+            encoded = base64.b64encode(path.read_bytes()).decode()
+            lines += [f"![{caption}](data:image/png;base64,{encoded})", ""]
+    return "\n".join(lines)
 
 
 @flow(name="ionflow-campaign", log_prints=True)
@@ -162,8 +198,9 @@ def _labels_so_far(config_path: str, campaign_id: int) -> int:
 
 
 def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict[str, Any]]:
-    """Print the iteration table, draw the learning curve (``learning_curve.png``), and publish the
-    iteration's row and the learning curve as Prefect table artifacts."""
+    """Print the iteration table, draw the learning curve and the calibration (``learning_curve.png``,
+    ``calibration.png``), and publish them to Prefect: the iteration's row and the learning curve as
+    tables, a markdown report with both pictures, and a link to the campaign's dashboard page."""
     ctx = context(config_path)
     with session_scope(ctx.sessions) as session:
         rows = iteration_table(session, campaign_id)
@@ -172,6 +209,7 @@ def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict
     n_test = metrics.test_set_size(rows[index]["model_metrics"])
     where = f"the test set as it is after iteration {index} ({n_test} structures)" if n_test else "the test set"
     report.learning_curve(rows, ctx.folder / LEARNING_CURVE, f"{name}: every model's errors on {where}")
+    report.calibration_plot(rows, ctx.folder / CALIBRATION, f"{name}: uncertainty calibration on {where}")
     row = rows[index]
     keys = ("n_labels", "n_training_labels", "reference_cpu_s", "n_selected", "model_version")
     quantities = {**{k: row[k] for k in keys}, **row["metrics"], **row["model_metrics"]}
@@ -180,6 +218,17 @@ def _show_iteration(config_path: str, campaign_id: int, index: int) -> list[dict
         key=f"{slug}-iteration-{index}",
         table=[{"quantity": k, "value": v} for k, v in quantities.items()],
         description=f"ionflow campaign {name}, iteration {index}",
+    )
+    create_markdown_artifact(
+        key=f"{slug}-iteration-{index}-report",
+        markdown=iteration_report(ctx.folder, name, campaign_id, index, rows[index]),
+        description=f"ionflow campaign {name}, iteration {index}: learning curve and calibration",
+    )
+    create_link_artifact(
+        key=f"{slug}-dashboard",
+        link=dashboard_url(campaign_id),
+        link_text=f"{name} on the ionflow dashboard (ionflow ui {ctx.folder})",
+        description="the campaign's page on the ionflow dashboard",
     )
     create_table_artifact(
         key=f"{slug}-learning-curve",

@@ -20,7 +20,7 @@ from ionflow.db import metrics, session_scope
 from ionflow.db.queries import model_of_iteration
 from ionflow.db.records import close_iteration, iteration_row, labelled_set
 from ionflow.flows.context import Context, context, reached
-from ionflow.flows.history import tracked
+from ionflow.flows.history import run_name, tracked
 from ionflow.platform.evaluation import evaluate
 from ionflow.platform.structures import write_extxyz
 
@@ -36,7 +36,7 @@ def test_set(ctx: Context, session: Session, campaign_id: int) -> list[Atoms]:
     return frames
 
 
-@task(name="evaluate")
+@task(name="evaluate", task_run_name=run_name("evaluate"))
 @tracked
 def evaluate_task(config_path: str, campaign_id: int, index: int) -> dict[str, Any]:
     """Errors of the iteration's model on the test set (written to ``test.extxyz``), stored on the
@@ -81,7 +81,7 @@ def reevaluate(
         model.metrics = dict(model.metrics or {}, **metrics.errors("current_test", m))
 
 
-@task(name="close-iteration")
+@task(name="close-iteration", task_run_name=run_name("close-iteration"))
 @tracked
 def close_iteration_task(config_path: str, campaign_id: int, index: int, reason: str) -> None:
     """Mark an iteration done without a new model (nothing was worth labelling), saying why."""

@@ -16,7 +16,7 @@ from ionflow.db import session_scope
 from ionflow.db.queries import md_runs_of_iteration, newest_model
 from ionflow.db.records import add_structure, iteration_row, record_md_run
 from ionflow.flows.context import Context, context, md_seed, reached, walker_start_seed
-from ionflow.flows.history import tracked
+from ionflow.flows.history import run_name, tracked, walkers
 from ionflow.flows.report import stage
 from ionflow.platform.device import pick_device
 from ionflow.platform.md import run_walkers
@@ -110,7 +110,7 @@ def walker_starts(
     return starts
 
 
-@task(name="explore")
+@task(name="explore", task_run_name=run_name("explore", walkers))
 @tracked
 def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, Any]:
     """Run ``explore.walkers`` Langevin walkers with the newest model; record each run, its

@@ -9,6 +9,7 @@ the flow run that last worked on them (``iteration.prefect_flow_run_id``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -41,8 +42,8 @@ def _flow_run_id() -> str | None:
 def record_start(
     sessions: Any, campaign_id: int, index: int | None, run_id: str, kind: str, name: str, flow_run_id: str | None
 ) -> None:
-    """Add the run (state RUNNING) if it is not there yet (a retried task keeps its id); link the
-    iteration to the campaign's flow run."""
+    """Add the run (state RUNNING) if it is not there yet (a retried task keeps its id); link an
+    unfinished iteration to the flow run working on it."""
     url, temporary = _api()
     with session_scope(sessions) as session:
         iteration_id = iteration_row(session, campaign_id, index).id if index is not None else None
@@ -64,7 +65,9 @@ def record_start(
             ["run_id"],
         )
         if index is not None and flow_run_id is not None:
-            iteration_row(session, campaign_id, index).prefect_flow_run_id = flow_run_id
+            it = iteration_row(session, campaign_id, index)
+            if it.status != "done":  # a resumed flow only looks at a finished iteration
+                it.prefect_flow_run_id = flow_run_id
 
 
 def record_end(sessions: Any, run_id: str, state: str) -> None:
@@ -128,3 +131,45 @@ def flow_ended(config_path: str, run_id: str | None, state: str) -> None:
         from ionflow.flows.context import context
 
         record_end(context(config_path).sessions, run_id, state)
+
+
+def run_name(step: str, count: Callable[[dict[str, Any]], str] | None = None) -> Callable[[], str]:
+    """A task run name that says what the run does, e.g. ``label · iteration 2 · 6 structures``
+    (Prefect calls it as the run starts; ``count`` words the amount of work from the parameters)."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        params = task_run.parameters
+        parts = [step]
+        if "index" in params:
+            parts.append(f"iteration {params['index']}")
+        if count is not None:
+            with contextlib.suppress(Exception):  # a name must never fail the run
+                parts.append(count(params))
+        return " · ".join(parts)
+
+    return name
+
+
+def label_count(params: dict[str, Any]) -> str:
+    """How many structures a label step of iteration ``index`` must have labels for."""
+    from ionflow.db.queries import structures_to_label as wanted
+    from ionflow.flows.context import context
+
+    ctx = context(params["config_path"])
+    with session_scope(ctx.sessions) as session:
+        n = len(wanted(session, iteration_row(session, params["campaign_id"], params["index"])))
+    return f"{n} structure{'s' * (n != 1)}"
+
+
+def walkers(params: dict[str, Any]) -> str:
+    from ionflow.flows.context import context
+
+    n = context(params["config_path"]).config.explore.walkers
+    return f"{n} walker{'s' * (n != 1)}"
+
+
+def chunk(params: dict[str, Any]) -> str:
+    n = len(params["structure_ids"])
+    return f"{n} structure{'s' * (n != 1)}"

@@ -16,7 +16,7 @@ from ionflow.db.records import adopt_calculation, calculation_for, iteration_row
 from ionflow.dft_adapters.pool import label_stream
 from ionflow.flows import report
 from ionflow.flows.context import Context, context, reached
-from ionflow.flows.history import tracked
+from ionflow.flows.history import chunk, label_count, run_name, tracked
 from ionflow.flows.report import stage
 
 #: Tag of the label step: a Prefect task concurrency limit on it bounds labelling server-wide.
@@ -93,7 +93,7 @@ def _close(ctx: Context, campaign_id: int, index: int, counts: dict[str, int], r
     )
 
 
-@task(name="label", tags=[LABEL_TAG])
+@task(name="label", task_run_name=run_name("label", label_count), tags=[LABEL_TAG])
 @tracked
 def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]:
     """Reference calculations of the iteration's chosen structures on ``reference.workers``
@@ -107,14 +107,14 @@ def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]
     return counts
 
 
-@task(name="label-plan")
+@task(name="label-plan", task_run_name=run_name("label-plan"))
 @tracked
 def label_plan_task(config_path: str, campaign_id: int, index: int) -> tuple[int | None, list[int], int]:
     """The distributed label step's first part: what is still to compute (ids only)."""
     return _pending(context(config_path), campaign_id, index)
 
 
-@task(name="label-chunk")
+@task(name="label-chunk", task_run_name=run_name("label-chunk", chunk))
 def label_chunk_task(
     config_path: str, index: int, iteration_id: int, structure_ids: list[int]
 ) -> tuple[dict[str, int], int]:
@@ -124,7 +124,7 @@ def label_chunk_task(
     return _compute(ctx, structure_ids, index, iteration_id, workers=1)
 
 
-@task(name="label-close")
+@task(name="label-close", task_run_name=run_name("label-close"))
 @tracked
 def label_close_task(config_path: str, campaign_id: int, index: int, counts: dict[str, int], reused: int) -> None:
     _close(context(config_path), campaign_id, index, counts, reused)

@@ -107,6 +107,39 @@ def learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path |
     return path
 
 
+def calibration_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Predicted (mean calibrated force spread) against real (force RMSE) error of each iteration's
+    model on the test set, as a PNG at ``path``; None when no model was tested yet."""
+    points = []
+    for r in rows:
+        m = r.get("model_metrics") or {}
+        prefix = "current_test" if m.get("current_test_force_std_mean_eV_per_A") is not None else "test"
+        predicted, real = m.get(f"{prefix}_force_std_mean_eV_per_A"), m.get(f"{prefix}_forces_rmse_eV_per_A")
+        if predicted is not None and real is not None:
+            points.append((r["index"], predicted, real))
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    top = 1.1 * max(max(p, q) for _, p, q in points)
+    fig, ax = plt.subplots(figsize=(4.2, 3.6), constrained_layout=True)
+    ax.plot([0, top], [0, top], ":", color="grey", label="calibrated")
+    ax.plot([p for _, p, _ in points], [q for _, _, q in points], "o", color="tab:blue")
+    for index, p, q in points:
+        ax.annotate(f"v{index}", (p, q), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("predicted: mean force spread (eV/Å)")
+    ax.set_ylabel("real: force RMSE (eV/Å)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def iteration_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Labels so far, test errors, force uncertainty of explored frames, frames selected."""
     table = Table(

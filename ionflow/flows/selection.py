@@ -20,7 +20,7 @@ from ionflow.db.queries import (
 )
 from ionflow.db.records import iteration_row, labelled_set, move_to_test_set, record_decision
 from ionflow.flows.context import Context, context, held_out_seed, reached, selection_seed
-from ionflow.flows.history import tracked
+from ionflow.flows.history import run_name, tracked
 from ionflow.platform.device import pick_device
 from ionflow.platform.selection import (
     HELD_OUT,
@@ -34,7 +34,7 @@ from ionflow.platform.selection import select as select_frames
 from ionflow.platform.structures import read_structures, structure_hash
 
 
-@task(name="select")
+@task(name="select", task_run_name=run_name("select"))
 @tracked
 def select_task(config_path: str, campaign_id: int, index: int) -> int:
     """Record a decision (score, threshold, chosen or not and why) for every frame the

@@ -11,7 +11,7 @@ from ionflow.db.provenance import training_set_hash
 from ionflow.db.queries import model_of_iteration, newest_model
 from ionflow.db.records import iteration_row, labelled_set, record_model
 from ionflow.flows.context import context, reached, training_seed
-from ionflow.flows.history import tracked
+from ionflow.flows.history import run_name, tracked
 from ionflow.flows.report import stage
 from ionflow.platform.dataset import validation_flags
 from ionflow.platform.evaluation import evaluate
@@ -20,7 +20,7 @@ from ionflow.platform.structures import write_extxyz
 from ionflow.platform.training import train_ensemble
 
 
-@task(name="train")
+@task(name="train", task_run_name=run_name("train"))
 @tracked
 def train_task(config_path: str, campaign_id: int, index: int) -> int:
     """Fit model version ``index`` on the campaign's labels (test set excluded; the validation

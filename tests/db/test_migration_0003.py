@@ -145,3 +145,23 @@ def test_the_migration_goes_down_and_up_again(tmp_path) -> None:
     assert "reason_code" not in {c["name"] for c in sa.inspect(engine).get_columns("selection_decision")}
     engine.dispose()
     upgrade(url)
+
+
+def test_reading_commands_ask_for_the_upgrade_of_an_older_database(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from ionflow.cli import app
+
+    path = tmp_path / "ionflow.db"
+    released(f"sqlite:///{path}")
+    before = path.read_bytes()
+    for args in (
+        ["status", str(tmp_path)],
+        ["lineage", str(tmp_path)],
+        ["export", "decisions", str(path)],
+        ["ui", str(path)],
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "revision 0002" in result.output and "ionflow db upgrade" in result.output
+    assert path.read_bytes() == before  # read-only: not migrated behind the user's back

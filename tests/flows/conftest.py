@@ -55,3 +55,21 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+#: The finished campaign of the provenance and dashboard tests: three iterations, one held-out
+#: MD frame per iteration.
+PROVENANCE = {"iterations": 2, "test": {"held_out_per_iteration": 1}}
+
+
+@pytest.fixture(scope="session")
+def finished_campaign(tmp_path_factory, prefect_server):
+    """A finished campaign on SQLite (see :data:`PROVENANCE`), shared by the tests that only read
+    it: ``{"path", "ctx", "summary", "backend", "tmp"}``."""
+    from ionflow.flows.campaign import campaign_flow
+    from ionflow.flows.context import context
+
+    tmp = tmp_path_factory.mktemp("provenance-sqlite")
+    path = write_campaign(tmp, tiny_campaign(tmp, **PROVENANCE))
+    summary = campaign_flow(str(path))
+    return {"path": path, "ctx": context(str(path.resolve())), "summary": summary, "backend": "sqlite", "tmp": tmp}

@@ -43,7 +43,7 @@ from ionflow.db.models import PrefectRun
 from ionflow.db.views import cased
 from ionflow.platform.structures import read_structures
 
-from .conftest import tiny_campaign, write_campaign
+from .conftest import PROVENANCE, tiny_campaign, write_campaign
 
 POSTGRES_URL = os.environ.get("IONFLOW_TEST_POSTGRES_URL")
 SAMPLE_EVERY = 5
@@ -58,28 +58,28 @@ SAMPLE_EVERY = 5
         ),
     ],
 )
-def campaign(request, tmp_path_factory, prefect_server):
-    """A finished three-iteration campaign (one held-out MD frame per iteration) and its context."""
+def campaign(request, tmp_path_factory):
+    """A finished three-iteration campaign (one held-out MD frame per iteration) and its context:
+    the session's SQLite one (``finished_campaign``), or the same campaign on PostgreSQL."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("finished_campaign")
+        return
+    request.getfixturevalue("prefect_server")
     from ionflow.flows.campaign import campaign_flow
     from ionflow.flows.context import context
 
-    tmp = tmp_path_factory.mktemp(f"provenance-{request.param}")
-    changes = {"iterations": 2, "test": {"held_out_per_iteration": 1}}
-    schema = None
-    if request.param == "postgresql":
-        schema = f"ionflow_prov_{uuid.uuid4().hex[:10]}"
-        with create_engine(POSTGRES_URL).begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        changes["database_url"] = url.render_as_string(hide_password=False)
-    path = write_campaign(tmp, tiny_campaign(tmp, **changes))
+    tmp = tmp_path_factory.mktemp("provenance-postgresql")
+    schema = f"ionflow_prov_{uuid.uuid4().hex[:10]}"
+    with create_engine(POSTGRES_URL).begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    path = write_campaign(tmp, tiny_campaign(tmp, database_url=url.render_as_string(hide_password=False), **PROVENANCE))
     summary = campaign_flow(str(path))
     ctx = context(str(path.resolve()))
-    yield {"path": path, "ctx": ctx, "summary": summary, "backend": request.param, "tmp": tmp}
-    if schema is not None:
-        ctx.sessions.kw["bind"].dispose()
-        with create_engine(POSTGRES_URL).begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    yield {"path": path, "ctx": ctx, "summary": summary, "backend": "postgresql", "tmp": tmp}
+    ctx.sessions.kw["bind"].dispose()
+    with create_engine(POSTGRES_URL).begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
 def ionflow(*args: str, code: int = 0) -> str:
@@ -247,8 +247,11 @@ def test_flow_and_task_runs_are_kept_with_their_iterations(campaign):
         tasks = [r for r in runs if r.kind == "task"]
         assert all(r.state == "COMPLETED" and r.flow_run_id == flows[0].run_id for r in tasks)
         assert all(r.api_url and r.api_url.startswith("http://127.0.0.1") for r in runs)
-        steps = {(r.iteration.index, r.name.split("-")[0]) for r in tasks}
+        steps = {(r.iteration.index, r.name.split(" · ")[0]) for r in tasks}
         assert {(0, "bootstrap"), (1, "explore"), (1, "select"), (2, "train"), (2, "evaluate")} <= steps
+        # task runs say what they did: step, iteration and amount of work
+        assert any(r.name == "label · iteration 1 · 4 structures" for r in tasks), [r.name for r in tasks]
+        assert any(r.name == "explore · iteration 2 · 2 walkers" for r in tasks)
         assert all(it.prefect_flow_run_id == flows[0].run_id for it in iterations)
         assert all(it.selection_strategy == "uncertainty" for it in iterations[1:])
         members = s.scalars(select(CampaignStructure).where(CampaignStructure.origin.in_(("md", "test-md")))).all()
@@ -291,11 +294,10 @@ def test_reading_commands_never_write(campaign, tmp_path):
         assert s.scalar(select(text("COUNT(*)")).select_from(PrefectRun)) > 0
 
 
-def test_a_moved_campaign_folder_still_resolves(campaign, tmp_path):
-    if campaign["backend"] != "sqlite":
-        pytest.skip("the database of this campaign is not in its folder")
+def test_a_moved_campaign_folder_still_resolves(finished_campaign, tmp_path):
+    """A copy of a campaign folder (its SQLite database inside) resolves every path against itself."""
     moved = tmp_path / "moved"
-    shutil.copytree(campaign["ctx"].folder, moved)
+    shutil.copytree(finished_campaign["ctx"].folder, moved)
     info = json.loads(ionflow("lineage", moved, "--model", "v1", "--json"))
     assert info["checkpoint_check"] == "verified" and info["checkpoint_file"].startswith(str(moved))
     (moved / info["checkpoint_path"]).write_bytes(b"not a model")

@@ -190,7 +190,7 @@ def test_deployed_campaign_runs_on_work_pools_and_survives_a_killed_worker(serve
         assert len(gpu_runs) == 3 and all(r["state"] == "COMPLETED" for r in gpu_runs)
         assert all(r["parent"] != "None" for r in gpu_runs)  # sub-flow runs of the campaign
         assert {"tag": "ionflow-label", "limit": 1} in limits
-        label_runs = [t for t in tasks if t["name"].startswith("label-")]
+        label_runs = [t for t in tasks if t["name"].startswith("label · ")]
         assert len(label_runs) == 2 and all("ionflow-label" in t["tags"] for t in label_runs)  # the limit applies
 
         engine = make_engine(f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'ionflow.db'}")
