@@ -109,8 +109,18 @@ def open_target(target: Target) -> Iterator[tuple[Any, Any]]:
 
 
 def folder_of(target: Target, campaign: Any) -> Path:
-    """The campaign folder that relative paths resolve against: the one given, else the recorded one."""
-    return target.folder if target.folder is not None else Path(campaign.workdir)
+    """The folder that the campaign's relative paths resolve against (the one given, if it is the
+    campaign's; else the recorded one)."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import object_session
+
+    from ionflow.db.models import Campaign
+    from ionflow.db.provenance import campaign_folder
+
+    if target.folder is None:
+        return Path(campaign.workdir)
+    only = object_session(campaign).scalar(select(func.count(Campaign.id))) == 1
+    return campaign_folder(target.folder, campaign.workdir, only)
 
 
 def parse_version(text: str | None) -> int | None:

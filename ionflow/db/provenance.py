@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import literal, select, text
@@ -36,6 +37,16 @@ def training_set_hash(members: Iterable[tuple[str, str, str]]) -> str:
     per line. The same labels give the same hash in the database and in the model file."""
     lines = sorted(f"{s} {h} {split}\n" for s, h, split in members)
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def campaign_folder(given: Path | None, recorded: str, only_campaign: bool) -> Path:
+    """The folder a campaign's relative paths resolve against: ``given`` (the folder a user named,
+    perhaps after moving or copying it) when it is that campaign's (the database holds no other
+    campaign, or the folder has the recorded one's name), else the folder the database recorded
+    (another campaign sharing the database lives elsewhere)."""
+    if given is not None and (only_campaign or given.name == Path(recorded).name):
+        return given
+    return Path(recorded)
 
 
 def find_model(session: Session, campaign_id: int, version: int | None = None) -> Model:

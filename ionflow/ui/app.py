@@ -22,12 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import datetime
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from markupsafe import Markup
+from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -37,6 +39,8 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from ionflow.db import session_factory
+from ionflow.db.models import Campaign
+from ionflow.db.provenance import campaign_folder
 from ionflow.db.session import read_only_engine
 from ionflow.ui import data, figures
 
@@ -65,6 +69,8 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
         return "-"
     if isinstance(value, float):
         return format(value, spec)
+    if isinstance(value, datetime):  # stored in UTC; whole seconds are enough to read
+        return value.replace(microsecond=0).isoformat(sep=" ").replace("+00:00", "") + " UTC"
     return str(value)
 
 
@@ -82,6 +88,8 @@ class Dashboard:
             self.engine.dispose()
             raise ValueError(f"{_shown(url)}: {problem}")
         self.sessions = session_factory(self.engine)
+        with self.session() as s:
+            self.only_campaign = s.scalar(select(func.count(Campaign.id))) <= 1
         self._lock = threading.Lock()
 
     @contextmanager
@@ -94,9 +102,7 @@ class Dashboard:
             session.close()
 
     def campaign_folder(self, recorded: str) -> Path:
-        if self.folder is not None:
-            return self.folder
-        return Path(recorded)
+        return campaign_folder(self.folder, recorded, self.only_campaign)
 
 
 def create_app(url: str, folder: Path | None = None) -> Starlette:

@@ -60,8 +60,14 @@ def learning_curve(curve: list[dict[str, Any]], by: str) -> dict[str, Any]:
             "test errors (every model on the test set as it is now)",
             xtitle,
             "force RMSE (eV/Å)",
-            yaxis2={"title": {"text": "energy RMSE (meV/atom)"}, "overlaying": "y", "side": "right"},
+            yaxis2={
+                "title": {"text": "energy RMSE (meV/atom)"},
+                "overlaying": "y",
+                "side": "right",
+                "tickformat": ".1f",
+            },
             legend={"orientation": "h", "y": -0.25},
+            margin={**LAYOUT["margin"], "r": 70},
         ),
     }
 
