@@ -152,6 +152,47 @@ class SystemConfig(Strict):
         return self
 
 
+class DispatchConfig(Strict):
+    """Where the reference calculations run: next to the label step (``local``), or as batches of
+    AiiDA calculation jobs on a computer AiiDA knows (``aiida``: a cluster behind SSH and SLURM, or
+    this machine). Not part of the science: a campaign gets the same results either way."""
+
+    engine: Literal["local", "aiida"] = Field(
+        "local", description="local: worker processes next to the label step; aiida: AiiDA calculation jobs."
+    )
+    profile: str | None = Field(None, description="AiiDA profile (default: AiiDA's default profile).")
+    computer: str | None = Field(None, description="AiiDA computer (label) the jobs run on.")
+    code: str | None = Field(
+        None,
+        description="AiiDA code (label, or label@computer) of the ionflow executable on that computer "
+        "(an InstalledCode whose executable is `ionflow` of an ionflow install there).",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The jobs' metadata.options: resources, max_wallclock_seconds, queue_name, account, "
+        "custom_scheduler_commands, prepend_text, ... (checked against the computer's scheduler before any work).",
+    )
+    batch_size: int = Field(10, ge=1, le=100_000, description="Structures per job.")
+    poll_interval_s: float = Field(10.0, gt=0, le=3600, description="Seconds between two looks at running jobs.")
+    max_wait_s: float | None = Field(
+        None,
+        gt=0,
+        le=365 * 86_400.0,
+        description="Stop waiting for running jobs after this long (the campaign ends with an error and collects "
+        "them when run again); None: wait until they end.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> DispatchConfig:
+        if self.engine == "aiida":
+            missing = [k for k in ("computer", "code") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"engine 'aiida' needs {' and '.join(missing)}")
+        elif self.profile or self.computer or self.code or self.options:
+            raise ValueError("profile, computer, code and options are for engine 'aiida'; set engine: aiida")
+        return self
+
+
 class ReferenceConfig(Strict):
     """The reference method that labels structures."""
 
@@ -167,6 +208,9 @@ class ReferenceConfig(Strict):
         le=MAX_TIMEOUT_S,
         description="Wall-time limit of one calculation in s; past it the calculation is killed "
         "and recorded as 'timeout'. None: no limit.",
+    )
+    dispatch: DispatchConfig = Field(
+        default_factory=DispatchConfig, description="Where the calculations run (local, or through AiiDA)."
     )
     max_failure_ratio: float = Field(
         0.5,
@@ -538,6 +582,15 @@ class CampaignConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_dispatch(self) -> CampaignConfig:
+        if self.reference.dispatch.engine == "aiida" and self.execution.task_runner == "dask":
+            raise ValueError(
+                "reference.dispatch.engine 'aiida' and execution.task_runner 'dask' both say where calculations "
+                "run; choose one"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _test_set(self) -> CampaignConfig:
         test = self.test
         if self.bootstrap.n_test == 0 and test.held_out_per_iteration == 0 and test.file is None:
@@ -618,7 +671,7 @@ class CampaignConfig(Strict):
                 "max_labels": True,
                 "fit_for_md_steps": True,
                 "execution": True,
-                "reference": {"workers", "threads_per_worker", "timeout_s", "max_failure_ratio"},
+                "reference": {"workers", "threads_per_worker", "timeout_s", "max_failure_ratio", "dispatch"},
             },
         )
         for section, key in _SETTINGS_ADDED_LATER:

@@ -10,4 +10,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: an unpinned torch would pull the multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+# IONFLOW_EXTRAS: the extras to install (test.sh adds aiida; the quickstart needs none of them).
+.venv/bin/python -m pip install -q -e ".[${IONFLOW_EXTRAS:-test}]"

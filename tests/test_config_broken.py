@@ -118,8 +118,9 @@ def test_absurd_numbers_are_refused(tmp_path, adapter, path, value):
 
 @pytest.mark.parametrize(("adapter", "path"), [pytest.param(a, p, id=".".join(p)) for a, p, _ in all_fields()])
 def test_wrong_types_are_refused(tmp_path, adapter, path):
-    # a mapping is the wrong type for every setting but the two mappings (settings, an inline structure)
-    wrong = ["not", "a", "mapping"] if path in {("reference", "settings"), ("system", "structure")} else {"x": 1}
+    # a mapping is the wrong type for every setting but the mappings (settings, an inline structure, job options)
+    mappings = {("reference", "settings"), ("system", "structure"), ("reference", "dispatch", "options")}
+    wrong = ["not", "a", "mapping"] if path in mappings else {"x": 1}
     refused(tmp_path, with_value(campaign(adapter), path, wrong), ".".join(path))
 
 
@@ -224,3 +225,13 @@ def test_the_ionflow_process_exits_with_status_2(tmp_path):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "explore.temperature_K:" in done.stderr and "10000" in done.stderr
+
+
+def test_an_incomplete_or_contradictory_dispatch_is_refused(tmp_path):
+    aiida = {"engine": "aiida", "computer": "cluster"}
+    refused(tmp_path, with_value(campaign(), ("reference", "dispatch"), aiida), "reference.dispatch", "needs code")
+    local = {"engine": "local", "computer": "cluster"}
+    refused(tmp_path, with_value(campaign(), ("reference", "dispatch"), local), "set engine: aiida")
+    both = with_value(campaign(), ("reference", "dispatch"), {**aiida, "code": "ionflow"})
+    both["execution"] = {"task_runner": "dask"}
+    refused(tmp_path, both, "choose one")

@@ -93,6 +93,12 @@ def check_reference(cfg, path: Path) -> None:
         fail(f"{path}: reference.settings.{exc.setting}: {exc} (adapter {cfg.reference.adapter!r})")
     except ValueError as exc:
         fail(f"{path}: reference adapter {cfg.reference.adapter!r}: {exc}")
+    from ionflow.dft_adapters.aiida import check_dispatch
+
+    try:
+        check_dispatch(cfg.reference.dispatch)
+    except ValueError as exc:
+        fail(f"{path}: {exc}")
 
 
 def fail(message: str) -> NoReturn:

@@ -223,3 +223,20 @@ def label(
     if outcome.failures:
         out.print(outcome.failure_table())
         raise typer.Exit(3)
+
+
+@app.command("label-batch", hidden=True)
+def label_batch(
+    folder: Path = typer.Argument(Path("."), help="Folder holding batch.json and structures.extxyz."),
+) -> None:
+    """Label the batch in FOLDER (what a remote job runs: ionflow's AiiDA calculation writes the
+    folder); results go to FOLDER/results.jsonl as each calculation ends, then done.json."""
+    from ionflow.dft_adapters.batch import BATCH_FILE, run_batch
+
+    if not (folder / BATCH_FILE).is_file():
+        fail(f"{folder}: no {BATCH_FILE} (not a batch folder)")
+    try:
+        counts = run_batch(folder)
+    except ValueError as exc:  # bad structures or a batch of another version: refused before any calculation
+        fail(str(exc))
+    err.print("labelled: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))

@@ -309,10 +309,15 @@ def _print_lineage(info: dict[str, Any]) -> None:
         "chosen_because",
         "score_eV_per_A",
     )
-    for header in ("calc", "structure", "split", "origin", "it", "MD run", "step", "chosen", "σF eV/Å"):
+    headers = ["calc", "structure", "split", "origin", "it", "MD run", "step", "chosen", "σF eV/Å"]
+    remote = any(m.get("aiida_uuid") for m in info["members"])
+    if remote:  # computed through AiiDA: the CalcJob node (`verdi process show UUID`)
+        columns += ("aiida_uuid",)
+        headers.append("AiiDA node")
+    for header in headers:
         members.add_column(header, no_wrap=True)
     for m in info["members"]:
-        values = [m[c] for c in columns]
+        values = [m.get(c) for c in columns]
         values[1] = values[1][:8]
         values[8] = None if values[8] is None else f"{values[8]:.3f}"
         members.add_row(*("-" if v is None else str(v) for v in values))

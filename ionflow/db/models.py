@@ -62,6 +62,10 @@ REASON_CODES = (
 START_ORIGINS = ("rattle", "previous_run", "unknown")
 PREFECT_RUN_KINDS = ("flow", "task")
 SELECTION_STRATEGIES = ("uncertainty", "random", "diverse")
+#: A remote job's life (``remote_job.state``): its row is written before it is submitted, so a
+#: campaign killed in between finds it again (by its key) instead of submitting it twice.
+REMOTE_JOB_STATES = ("submitting", "running", "collected")
+REMOTE_ENGINES = ("aiida",)
 
 Hash = String(64)  # a sha256 hex digest
 
@@ -241,9 +245,11 @@ class Calculation(Base):
     cpu_time_s: Mapped[float | None]  # the code's CPU seconds, all threads and processes; None: unknown
     error: Mapped[str | None] = mapped_column(Text)
     host: Mapped[str | None]
-    run_dir: Mapped[str | None]  # relative to the folder of the campaign whose iteration ran it
+    run_dir: Mapped[str | None]  # relative to the folder of the campaign whose iteration ran it; COMPUTER:/path remote
     iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iteration.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    remote_job_id: Mapped[int | None] = mapped_column(ForeignKey("remote_job.id"), index=True)
+    aiida_uuid: Mapped[str | None] = mapped_column(String(36))  # the AiiDA CalcJob node that computed it
 
     structure: Mapped[Structure] = relationship(back_populates="calculations")
     iteration: Mapped[Iteration | None] = relationship()
@@ -377,3 +383,36 @@ class PrefectRun(Base):
     ended_at: Mapped[datetime | None]
 
     iteration: Mapped[Iteration | None] = relationship()
+
+
+class RemoteJob(Base):
+    """A batch of reference calculations submitted to a remote engine (an AiiDA calculation job).
+
+    The row is committed (``submitting``) before the job is submitted and the job carries ``key``
+    (as its AiiDA label), so a campaign killed between the two finds the job again instead of
+    submitting it twice; ``running`` once the node is known; ``collected`` once every structure
+    of the batch has a calculation row.
+    """
+
+    __tablename__ = "remote_job"
+    __table_args__ = (
+        UniqueConstraint("key"),
+        CheckConstraint(_one_of("state", REMOTE_JOB_STATES), name="state"),
+        CheckConstraint(_one_of("engine", REMOTE_ENGINES), name="engine"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaign.id"), index=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iteration.id"), index=True)
+    engine: Mapped[str]  # aiida
+    key: Mapped[str]  # unique; the AiiDA node's label
+    structure_ids: Mapped[list[int]] = mapped_column(JSON)  # the batch, in its order
+    state: Mapped[str]  # submitting, running, collected
+    profile: Mapped[str | None]  # AiiDA profile
+    computer: Mapped[str | None]  # AiiDA computer label
+    node_uuid: Mapped[str | None] = mapped_column(String(36))  # AiiDA CalcJob node
+    node_pk: Mapped[int | None]
+    exit_status: Mapped[int | None]  # the AiiDA process's exit status once it ended
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    submitted_at: Mapped[datetime | None]
+    collected_at: Mapped[datetime | None]

@@ -87,6 +87,15 @@ def lineage(session: Session, model: Model) -> dict[str, Any]:
     follow_indexes(session)
     ancestors = model_ancestors(session, model.id, columns=True)
     members = _members(session, model.id)
+    remote = dict(  # calculations run through AiiDA: the node that computed each
+        session.execute(
+            select(Calculation.id, Calculation.aiida_uuid)
+            .join(TrainingMember, TrainingMember.calculation_id == Calculation.id)
+            .where(TrainingMember.model_id == model.id, Calculation.aiida_uuid.is_not(None))
+        ).all()
+    )
+    for m in members:
+        m["aiida_uuid"] = remote.get(m["calculation_id"])
     by = Counter((m["split"], m["origin"] or "-", m["chosen_because"] or "-") for m in members)
     iteration = session.get(Iteration, model.iteration_id) if model.iteration_id is not None else None
     runs = session.execute(

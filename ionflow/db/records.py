@@ -179,8 +179,11 @@ def record_calculation(
     adapter: str,
     settings: dict[str, Any],
     iteration_id: int | None,
+    remote_job_id: int | None = None,
+    aiida_uuid: str | None = None,
 ) -> Calculation:
-    """Insert one reference result (a ``LabelResult``); arrays go to the object store."""
+    """Insert one reference result (a ``LabelResult``); arrays go to the object store. A result
+    computed remotely (``remote_job_id``) keeps its run folder as given (``COMPUTER:/path``)."""
     arrays = {
         key: np.asarray(value, dtype=float)
         for key in ("forces", "stress", "dipole", "charges")
@@ -203,9 +206,11 @@ def record_calculation(
         cpu_time_s=None if result.cpu_time_s is None else float(result.cpu_time_s),
         error=result.error,
         host=result.host,
-        run_dir=store.relative(result.run_dir),
+        run_dir=result.run_dir if remote_job_id is not None else store.relative(result.run_dir),
         iteration_id=iteration_id,
         created_at=utcnow(),
+        remote_job_id=remote_job_id,
+        aiida_uuid=aiida_uuid,
     )
     session.add(row)
     session.flush()
@@ -220,8 +225,10 @@ def record_or_adopt(
     adapter: str,
     settings: dict[str, Any],
     iteration_id: int | None,
+    **remote: Any,
 ) -> bool:
-    """Commit one reference result in its own transaction; True when it was recorded.
+    """Commit one reference result in its own transaction; True when it was recorded (``remote``:
+    ``remote_job_id`` and ``aiida_uuid`` of a result computed through AiiDA).
 
     When a concurrent writer (another task, another campaign sharing the database) recorded a
     calculation of the same structure at the same level of theory first, the unique key
@@ -231,7 +238,7 @@ def record_or_adopt(
     try:
         with session_scope(sessions) as session:
             structure = session.get(Structure, structure_id)
-            record_calculation(session, store, structure, result, adapter, settings, iteration_id)
+            record_calculation(session, store, structure, result, adapter, settings, iteration_id, **remote)
         return True
     except IntegrityError:
         with session_scope(sessions) as session:

@@ -97,12 +97,17 @@ def _close(ctx: Context, campaign_id: int, index: int, counts: dict[str, int], r
 @tracked
 def label_task(config_path: str, campaign_id: int, index: int) -> dict[str, int]:
     """Reference calculations of the iteration's chosen structures on ``reference.workers``
-    local workers, each committed as it ends."""
+    local workers, or as AiiDA jobs (``reference.dispatch.engine: aiida``), each committed as it ends."""
     ctx = context(config_path)
     iteration_id, pending, reused = _pending(ctx, campaign_id, index)
     if iteration_id is None:
         return {}
-    counts, raced = _compute(ctx, pending, index, iteration_id, ctx.config.reference.workers)
+    if ctx.config.reference.dispatch.engine == "aiida":
+        from ionflow.flows.remote import remote_label
+
+        counts, raced = remote_label(ctx, campaign_id, index, iteration_id, pending)
+    else:
+        counts, raced = _compute(ctx, pending, index, iteration_id, ctx.config.reference.workers)
     _close(ctx, campaign_id, index, counts, reused + raced)
     return counts
 

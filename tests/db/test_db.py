@@ -59,6 +59,7 @@ TABLES = {
     "md_run",
     "selection_decision",
     "prefect_run",
+    "remote_job",
 }
 
 
@@ -130,7 +131,7 @@ def test_upgrade_twice_is_a_noop(url: str) -> None:
         _campaign(session)
     upgrade(url)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0003"
+        assert MigrationContext.configure(conn).get_current_revision() == "0004"
         assert conn.execute(select(Campaign.name)).scalars().all() == ["water"]
     engine.dispose()
 

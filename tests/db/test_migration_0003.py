@@ -75,7 +75,7 @@ def test_a_database_of_the_previous_release_is_upgraded_in_place(url: str) -> No
         with engine.connect() as conn:
             return conn.execute(sa.text(sql)).all()
 
-    assert q("SELECT version_num FROM alembic_version") == [("0003",)]
+    assert q("SELECT version_num FROM alembic_version") == [("0004",)]
     # nothing lost
     assert [tuple(r) for r in q("SELECT COUNT(*) FROM structure UNION ALL SELECT COUNT(*) FROM calculation")] == [
         (35,),

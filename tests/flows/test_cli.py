@@ -127,12 +127,12 @@ def test_db_upgrade_migrates_a_database_given_by_url_or_environment(tmp_path, mo
     result = runner.invoke(app, ["db", "current", url])
     assert result.exit_code == 0 and "empty" in result.output
     result = runner.invoke(app, ["db", "upgrade", url])
-    assert result.exit_code == 0 and "revision 0003 (was empty)" in result.output
+    assert result.exit_code == 0 and "revision 0004 (was empty)" in result.output
     monkeypatch.setenv("IONFLOW_DATABASE_URL", url)
     result = runner.invoke(app, ["db", "upgrade"])
-    assert result.exit_code == 0 and "revision 0003" in result.output and "was" not in result.output
+    assert result.exit_code == 0 and "revision 0004" in result.output and "was" not in result.output
     result = runner.invoke(app, ["db", "current"])
-    assert result.output.strip() == "0003"
+    assert result.output.strip() == "0004"
     result = runner.invoke(app, ["db", "upgrade", "postgresql+psycopg://nobody:pw@127.0.0.1:1/none"])
     assert (
         result.exit_code == 2 and "cannot reach" in result.output and "pw" not in result.output.replace("psycopg", "")

@@ -1,0 +1,155 @@
+"""A throwaway AiiDA profile for the tests, made the way the README tells a user to: a PostgreSQL
+database with the C.UTF-8 locale, ``verdi profile setup core.psql_dos`` with RabbitMQ as broker,
+a ``localhost`` computer (``core.local`` transport, ``core.direct`` scheduler), the ``ionflow``
+code on it, and a daemon. Removed (daemon stopped, database dropped) at the end of the session.
+
+Needs PostgreSQL (``IONFLOW_TEST_POSTGRES_URL``, as ``.ci/run`` sets), RabbitMQ on 127.0.0.1:5672
+and the ``aiida`` extra; skipped, saying which is missing, without them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+PROFILE = "ionflow-test"
+BIN = Path(sys.executable).parent
+
+
+def verdi(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``verdi -p PROFILE ARGS`` (``verdi ARGS`` for ``profile setup``, before the profile exists)."""
+    profile = [] if args[:2] == ("profile", "setup") else ["-p", PROFILE]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the daemon runs this `verdi`
+    proc = subprocess.run([str(BIN / "verdi"), *profile, *args], capture_output=True, text=True, timeout=300, env=env)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"verdi {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _admin(url):  # noqa: ANN001, ANN202
+    import psycopg
+
+    return psycopg.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        password=url.password or None,
+        dbname=url.database or "postgres",
+        autocommit=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def aiida_localhost(tmp_path_factory):
+    """``{"profile", "computer", "code", "work", "root"}`` of a ready AiiDA profile with a daemon."""
+    pg = os.environ.get("IONFLOW_TEST_POSTGRES_URL")
+    if not pg:
+        pytest.skip("AiiDA tests need PostgreSQL: set IONFLOW_TEST_POSTGRES_URL (.ci/run does)")
+    pytest.importorskip("aiida", reason="the aiida extra is not installed (pip install -e .[aiida])")
+    if not _reachable("127.0.0.1", 5672):
+        pytest.skip("AiiDA tests need RabbitMQ on 127.0.0.1:5672")
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg)
+    root = tmp_path_factory.mktemp("aiida")
+    os.environ["AIIDA_PATH"] = str(root)  # before aiida reads its configuration, here and in every child
+    database = f"ionflow_aiida_{uuid.uuid4().hex[:8]}"
+    with _admin(url) as conn:
+        conn.execute(f"CREATE DATABASE {database} LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' TEMPLATE template0")
+    try:
+        verdi(
+            "profile",
+            "setup",
+            "core.psql_dos",
+            "-n",
+            "--profile-name",
+            PROFILE,
+            "--email",
+            "tests@ionflow.invalid",
+            "--first-name",
+            "ionflow",
+            "--last-name",
+            "tests",
+            "--institution",
+            "ionflow",
+            "--database-hostname",
+            url.host or "127.0.0.1",
+            "--database-port",
+            str(url.port or 5432),
+            "--database-username",
+            url.username or "postgres",
+            "--database-password",
+            url.password or "",
+            "--database-name",
+            database,
+            "--repository-uri",
+            f"file://{root}/repository",
+            "--broker",
+            "core.rabbitmq",
+        )
+        verdi("config", "set", "warnings.rabbitmq_version", "False")
+        work = root / "work"
+        verdi(
+            "computer",
+            "setup",
+            "-n",
+            "--label",
+            "localhost",
+            "--hostname",
+            "localhost",
+            "--transport",
+            "core.local",
+            "--scheduler",
+            "core.direct",
+            "--work-dir",
+            str(work),
+        )
+        verdi("computer", "configure", "core.local", "localhost", "-n", "--safe-interval", "0")
+        verdi(
+            "code",
+            "create",
+            "core.code.installed",
+            "-n",
+            "--label",
+            "ionflow",
+            "--computer",
+            "localhost",
+            "--filepath-executable",
+            str(BIN / "ionflow"),
+            "--default-calc-job-plugin",
+            "ionflow.label",
+        )
+        from aiida import load_profile, orm
+        from aiida.manage.configuration import reset_config
+        from aiida.manage.configuration.settings import AiiDAConfigDir
+
+        AiiDAConfigDir.set()  # this process reads AIIDA_PATH again (aiida may have been imported before)
+        reset_config()
+        load_profile(PROFILE, allow_switch=True)
+        orm.load_computer("localhost").set_minimum_job_poll_interval(1.0)
+        verdi("daemon", "start", "1")
+        yield {"profile": PROFILE, "computer": "localhost", "code": "ionflow", "work": work, "root": root}
+    finally:
+        verdi("daemon", "stop", check=False)
+        try:
+            from aiida.manage import get_manager
+
+            get_manager().reset_profile()  # close the profile's connections before dropping its database
+        except Exception:  # noqa: BLE001
+            pass
+        with _admin(url) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
