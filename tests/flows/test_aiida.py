@@ -145,24 +145,24 @@ def _wait_for(condition, timeout: float, proc: subprocess.Popen | None = None) -
     raise AssertionError("timed out")
 
 
-def _kill_daemon(profile: str) -> int:
-    import psutil
+def _kill_daemon() -> int:
+    """SIGKILL the test profile's daemon: its circus arbiter (from the PID file) and the workers
+    and watchers it started; return how many processes were killed."""
+    from aiida.engine.daemon.client import get_daemon_client
 
-    killed = 0
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if f"-p {profile} daemon" in cmd or ("circus" in cmd and "stats" in cmd):
-            p.kill()
-            killed += 1
-    return killed
+    pid = get_daemon_client().get_daemon_pid()
+    assert pid is not None, "the daemon is not running"
+    return _kill_tree(pid)
 
 
-def _kill_tree(pid: int) -> None:
+def _kill_tree(pid: int) -> int:
     import psutil
 
     parent = psutil.Process(pid)
-    for p in [*parent.children(recursive=True), parent]:
+    tree = [*parent.children(recursive=True), parent]
+    for p in tree:
         p.kill()
+    return len(tree)
 
 
 def test_a_campaign_and_the_daemon_killed_mid_batch_leave_every_calculation_once(tmp_path, aiida_localhost):
@@ -177,15 +177,18 @@ def test_a_campaign_and_the_daemon_killed_mid_batch_leave_every_calculation_once
     db = tmp_path / "runs" / "tiny" / "ionflow.db"
     first = _run(path, tmp_path)
     try:
-        _wait_for(
-            lambda: db.exists() and len(_rows(db, "SELECT id FROM remote_job WHERE state = 'running'")) == 3,
-            timeout=180,
-            proc=first,
-        )
+
+        def submitted() -> bool:
+            try:
+                return db.exists() and len(_rows(db, "SELECT id FROM remote_job WHERE state = 'running'")) == 3
+            except sqlite3.OperationalError:  # the schema is being made
+                return False
+
+        _wait_for(submitted, timeout=180, proc=first)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert _kill_daemon(aiida_localhost["profile"]) >= 2
+    assert _kill_daemon() >= 2
     assert _rows(db, "SELECT COUNT(*) FROM calculation") == [(0,)]  # killed before any job ended
     # killed between submitting a job and recording its node: only the row's key leads to it
     conn = sqlite3.connect(db)
