@@ -153,3 +153,89 @@ def aiida_localhost(tmp_path_factory):
             pass
         with _admin(url) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def _script(name: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["bash", str(root / "scripts" / name)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/{name} failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+@pytest.fixture(scope="session")
+def aiida_slurm(aiida_localhost):
+    """A second computer of the profile, ``slurm-ssh``: ``core.ssh`` to an sshd on 127.0.0.1
+    (scripts/start-sshd.sh, with a key made here) and ``core.slurm`` against a single-node SLURM
+    (scripts/start-slurm.sh: Debian's slurm-wlm and munge, partition ``debug``)."""
+    if os.geteuid() != 0:
+        pytest.skip("the sshd and SLURM of the tests are started as root")
+    _script("start-sshd.sh")
+    _script("start-slurm.sh")
+    root = aiida_localhost["root"]
+    key = root / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    public = (key.with_suffix(".pub")).read_text().strip()
+    authorized = Path("/root/.ssh/authorized_keys")
+    authorized.parent.mkdir(mode=0o700, exist_ok=True)
+    with authorized.open("a") as f:
+        f.write(public + "\n")
+    authorized.chmod(0o600)
+    port = os.environ.get("IONFLOW_TEST_SSH_PORT", "2222")
+    try:
+        verdi(
+            "computer",
+            "setup",
+            "-n",
+            "--label",
+            "slurm-ssh",
+            "--hostname",
+            "127.0.0.1",
+            "--transport",
+            "core.ssh",
+            "--scheduler",
+            "core.slurm",
+            "--work-dir",
+            str(root / "work-slurm"),
+            "--mpiprocs-per-machine",
+            "1",
+        )
+        verdi(
+            "computer",
+            "configure",
+            "core.ssh",
+            "slurm-ssh",
+            "-n",
+            "--username",
+            "root",
+            "--port",
+            port,
+            "--key-filename",
+            str(key),
+            "--key-policy",
+            "AutoAddPolicy",
+            "--no-look-for-keys",
+            "--no-allow-agent",
+            "--safe-interval",
+            "0",
+        )
+        verdi(
+            "code",
+            "create",
+            "core.code.installed",
+            "-n",
+            "--label",
+            "ionflow",
+            "--computer",
+            "slurm-ssh",
+            "--filepath-executable",
+            str(BIN / "ionflow"),
+            "--default-calc-job-plugin",
+            "ionflow.label",
+        )
+        from aiida import orm
+
+        orm.load_computer("slurm-ssh").set_minimum_job_poll_interval(1.0)
+        yield {**aiida_localhost, "computer": "slurm-ssh", "work": root / "work-slurm"}
+    finally:
+        lines = [line for line in authorized.read_text().splitlines() if line.strip() != public]
+        authorized.write_text("".join(line + "\n" for line in lines))

@@ -14,7 +14,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ionflow-prefect-"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from tests.flows.aiida_setup import aiida_localhost  # noqa: E402, F401  (a fixture: AiiDA profile, daemon, computer)
+from tests.flows.aiida_setup import aiida_localhost, aiida_slurm  # noqa: E402, F401  (fixtures: AiiDA profile, computers)
 from tests.structures import ZUNDEL  # noqa: E402  (after the Prefect settings)
 
 

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,11 +56,29 @@ def test_a_campaign_labels_through_aiida_exactly_as_it_would_locally(tmp_path, p
     remote_cfg = tiny_campaign(tmp_path / "remote", iterations=1)
     remote_cfg["reference"]["dispatch"] = _dispatch(aiida_localhost)
     local_cfg = tiny_campaign(tmp_path / "local", iterations=1)
+    remote_db = tmp_path / "remote" / "runs" / "tiny" / "ionflow.db"
+    # the AiiDA daemon is killed while the first jobs run: the label step starts it again
+    killed: list[int] = []
+
+    def kill_daemon_mid_batch() -> None:
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            try:
+                if remote_db.exists() and _rows(remote_db, "SELECT id FROM remote_job WHERE state = 'running'"):
+                    killed.append(_kill_daemon())
+                    return
+            except sqlite3.OperationalError:  # the schema is being made
+                pass
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_daemon_mid_batch, daemon=True)
+    killer.start()
     summary = campaign_flow(str(write_campaign(tmp_path, remote_cfg, "remote.yaml")))
+    killer.join()
+    assert killed and killed[0] >= 2
     assert summary["status"] == "finished", summary
     campaign_flow(str(write_campaign(tmp_path, local_cfg, "local.yaml")))
 
-    remote_db = tmp_path / "remote" / "runs" / "tiny" / "ionflow.db"
     local_db = tmp_path / "local" / "runs" / "tiny" / "ionflow.db"
     sql = (
         "SELECT s.hash, c.status, c.energy, c.code_version, c.settings_hash, c.run_dir, c.aiida_uuid, "
@@ -253,3 +272,34 @@ def test_a_lost_job_and_a_failing_remote_end_in_recorded_statuses(tmp_path, pref
     assert len(calcs) == 9 and {c[0] for c in calcs} == {"failed"}
     assert all(f"AiiDA process {node.pk}" in c[1] for c in calcs)
     assert orm.load_node(node.uuid).exit_status == 350
+
+
+def test_a_campaign_labels_on_slurm_over_ssh(tmp_path, prefect_server, aiida_slurm):
+    """The cluster case: jobs go over SSH (core.ssh, 127.0.0.1) to SLURM (core.slurm, one node)."""
+    from aiida import orm
+
+    from ionflow.flows.campaign import campaign_flow
+
+    config = tiny_campaign(tmp_path, iterations=1)
+    config["reference"]["dispatch"] = _dispatch(
+        aiida_slurm,
+        batch_size=5,
+        options={
+            "resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1},
+            "max_wallclock_seconds": 600,
+            "queue_name": "debug",
+        },
+    )
+    summary = campaign_flow(str(write_campaign(tmp_path, config)))
+    assert summary["status"] == "finished", summary
+    db = tmp_path / "runs" / "tiny" / "ionflow.db"
+    calcs = _rows(db, "SELECT status, aiida_uuid, run_dir FROM calculation")
+    assert len(calcs) == 12 and {c[0] for c in calcs} == {"ok"}
+    assert all(c[2].startswith(f"slurm-ssh:{aiida_slurm['work']}") for c in calcs)
+    jobs = _rows(db, "SELECT node_uuid, computer, exit_status FROM remote_job")
+    assert len(jobs) == 2 + 1 and {(j[1], j[2]) for j in jobs} == {("slurm-ssh", 0)}
+    for uuid_, _, _ in jobs:
+        node = orm.load_node(uuid_)
+        assert node.computer.transport_type == "core.ssh" and node.computer.scheduler_type == "core.slurm"
+        assert node.get_job_id().isdigit()  # a SLURM job id
+        assert "#SBATCH" in node.base.repository.get_object_content("_aiidasubmit.sh")
