@@ -32,6 +32,24 @@ def verdi(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def ionflow_code(computer: str) -> None:
+    """The ``ionflow`` code on ``computer``: this environment's executable, as a cluster's install would be."""
+    verdi(
+        "code",
+        "create",
+        "core.code.installed",
+        "-n",
+        "--label",
+        "ionflow",
+        "--computer",
+        computer,
+        "--filepath-executable",
+        str(BIN / "ionflow"),
+        "--default-calc-job-plugin",
+        "ionflow.label",
+    )
+
+
 def _reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=2):
@@ -119,20 +137,7 @@ def aiida_localhost(tmp_path_factory):
             str(work),
         )
         verdi("computer", "configure", "core.local", "localhost", "-n", "--safe-interval", "0")
-        verdi(
-            "code",
-            "create",
-            "core.code.installed",
-            "-n",
-            "--label",
-            "ionflow",
-            "--computer",
-            "localhost",
-            "--filepath-executable",
-            str(BIN / "ionflow"),
-            "--default-calc-job-plugin",
-            "ionflow.label",
-        )
+        ionflow_code("localhost")
         from aiida import load_profile, orm
         from aiida.manage.configuration import reset_config
         from aiida.manage.configuration.settings import AiiDAConfigDir
@@ -218,20 +223,7 @@ def aiida_slurm(aiida_localhost):
             "--safe-interval",
             "0",
         )
-        verdi(
-            "code",
-            "create",
-            "core.code.installed",
-            "-n",
-            "--label",
-            "ionflow",
-            "--computer",
-            "slurm-ssh",
-            "--filepath-executable",
-            str(BIN / "ionflow"),
-            "--default-calc-job-plugin",
-            "ionflow.label",
-        )
+        ionflow_code("slurm-ssh")
         from aiida import orm
 
         orm.load_computer("slurm-ssh").set_minimum_job_poll_interval(1.0)

@@ -42,10 +42,13 @@ def _rows(db: Path, sql: str, *params) -> list[tuple]:
         conn.close()
 
 
-def _nodes(campaign_id: int):  # noqa: ANN202
+def _nodes(db: Path):  # noqa: ANN202
+    """The AiiDA jobs of the campaign in the SQLite database ``db`` (found by their extras)."""
     from aiida import orm
 
-    query = orm.QueryBuilder().append(orm.CalcJobNode, filters={"extras.ionflow_campaign_id": campaign_id})
+    campaign_id = _rows(db, "SELECT id FROM campaign")[0][0]
+    filters = {"extras.ionflow_campaign_id": campaign_id, "extras.ionflow_database": f"sqlite:///{db.resolve()}"}
+    query = orm.QueryBuilder().append(orm.CalcJobNode, filters=filters)
     return [n for (n,) in query.all()]
 
 
@@ -99,8 +102,7 @@ def test_a_campaign_labels_through_aiida_exactly_as_it_would_locally(tmp_path, p
     # both ways: each node knows the campaign and its calculation rows; each row its node
     from aiida import orm
 
-    campaign_id = _rows(remote_db, "SELECT id FROM campaign")[0][0]
-    nodes = _nodes(campaign_id)
+    nodes = _nodes(remote_db)
     assert sorted(n.uuid for n in nodes) == sorted(j[2] for j in jobs)
     by_uuid: dict[str, dict[str, int]] = {}
     for row in remote.values():
@@ -224,8 +226,7 @@ def test_a_campaign_and_the_daemon_killed_mid_batch_leave_every_calculation_once
     assert {c[1] for c in calcs} == {"ok"}
     jobs = _rows(db, "SELECT id, state, node_uuid FROM remote_job ORDER BY id")
     assert [j[1] for j in jobs] == ["collected"] * 4
-    campaign_id = _rows(db, "SELECT id FROM campaign")[0][0]
-    nodes = _nodes(campaign_id)
+    nodes = _nodes(db)
     assert sorted(n.uuid for n in nodes) == sorted(j[2] for j in jobs)  # no job submitted twice
     assert all(n.is_finished_ok for n in nodes)
 
