@@ -169,6 +169,8 @@ def calculations(session: Session, campaign_id: int) -> list[dict[str, Any]]:
             Calculation.results_sha256,
             Calculation.error,
             Calculation.created_at,
+            Calculation.aiida_uuid,
+            Calculation.remote_job_id,
         )
         .join(it, it.id == Calculation.iteration_id)
         .join(Structure, Structure.id == Calculation.structure_id)
