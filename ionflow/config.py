@@ -331,6 +331,13 @@ class TrainingConfig(Strict):
         description="Weight of the shallow ensemble's Gaussian negative log-likelihood of the labels "
         "(dimensionless; it shapes the heads' spread). Ignored by committees.",
     )
+    batch_atoms: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Atoms per optimiser step instead of batch_size structures: batches packed to about this many "
+        "atoms, so that steps on large cells and on small molecules cost the same (a structure above it alone).",
+    )
 
     #: Fields the campaign's train step reads, not the platform (absent from TrainingSettings).
     CAMPAIGN_ONLY: ClassVar[tuple[str, ...]] = ("from_scratch",)
@@ -698,6 +705,7 @@ _SETTINGS_ADDED_LATER = (
     ("explore", "add_charge_states"),
     ("test", "held_out_per_iteration"),
     ("test", "file"),
+    ("training", "batch_atoms"),
 )
 
 #: Sections whose every key is in :data:`_SETTINGS_ADDED_LATER`: left out whole at their defaults.

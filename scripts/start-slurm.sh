@@ -15,9 +15,11 @@ die() {
   exit 1
 }
 
+# The tails of the daemons' logs (of $@, or of slurmctld's and slurmd's), on stderr.
 show_logs() {
   local f
-  for f in "$logdir/slurmctld.log" "$logdir/slurmd.log" /var/log/munge/munged.log; do
+  [ $# -gt 0 ] || set -- "$logdir/slurmctld.log" "$logdir/slurmd.log"
+  for f in "$@"; do
     [ -f "$f" ] && { echo "--- tail of $f" >&2; tail -n 15 "$f" >&2; }
   done
   return 0
@@ -55,8 +57,12 @@ stop_daemon() {
 [ "$(id -u)" = 0 ] || die "must run as root"
 if ! command -v slurmctld >/dev/null 2>&1 || ! command -v slurmd >/dev/null 2>&1 \
   || ! command -v munged >/dev/null 2>&1 || ! command -v sinfo >/dev/null 2>&1; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  apt_log="$(mktemp)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; } >"$apt_log" 2>&1; then
+    tail -n 20 "$apt_log" >&2
+    die "could not install slurm-wlm munge with apt-get"
+  fi
+  rm -f "$apt_log"
 fi
 
 # munge: a key (the package usually made one), then the daemon, then a credential round trip.
@@ -73,10 +79,10 @@ chmod 700 /etc/munge
 chmod 400 /etc/munge/munge.key
 chmod 755 /run/munge
 if ! running_pid /run/munge/munged.pid munged >/dev/null; then
-  runuser -u munge -- /usr/sbin/munged || { show_logs; die "munged did not start"; }
+  runuser -u munge -- /usr/sbin/munged || { show_logs /var/log/munge/munged.log; die "munged did not start"; }
 fi
 for _ in $(seq 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.25; done
-munge -n | unmunge >/dev/null || { show_logs; die "munge credentials do not round-trip (munged not working)"; }
+munge -n | unmunge >/dev/null || { show_logs /var/log/munge/munged.log; die "munge credentials do not round-trip (munged not working)"; }
 
 # slurm.conf: one node named as this host, reached on 127.0.0.1.
 node="$(hostname -s)"

@@ -23,8 +23,12 @@ banner() {
 
 [ "$(id -u)" = 0 ] || die "must run as root"
 if ! [ -x /usr/sbin/sshd ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null
+  apt_log="$(mktemp)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; } >"$apt_log" 2>&1; then
+    tail -n 20 "$apt_log" >&2
+    die "could not install openssh-server with apt-get"
+  fi
+  rm -f "$apt_log"
 fi
 ssh-keygen -A >/dev/null
 mkdir -p /run/sshd /root/.ssh

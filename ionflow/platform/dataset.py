@@ -80,18 +80,25 @@ def fit_atomic_energies(frames: Sequence[Atoms], z_table: Sequence[int]) -> np.n
 
 
 def label_batches(
-    frames: Sequence[Atoms], spec: ModelSpec, batch_size: int, device: torch.device | str = "cpu"
+    frames: Sequence[Atoms],
+    spec: ModelSpec,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Graphs with their labels, ``batch_size`` frames each. Built once: positions do not change
-    during training.
+    """Graphs with their labels, ``batch_size`` frames each, or one per group of frame indexes
+    (``groups``, e.g. :func:`~ionflow.platform.batching.pack_by_atoms`). Built once: positions do
+    not change during training.
 
     Besides the graph, each batch holds ``ref_energy`` (g,), ``ref_forces`` (n, 3), ``n_atoms`` (g,),
     ``ref_charges`` (n,) with ``charges_mask`` (n,), and ``ref_dipole`` (g, 3, about the centre of
     mass) with ``dipole_mask`` (g,); masked-out entries hold zeros.
     """
+    if groups is None:
+        groups = [range(start, min(start + batch_size, len(frames))) for start in range(0, len(frames), batch_size)]
     out = []
-    for start in range(0, len(frames), batch_size):
-        chunk = frames[start : start + batch_size]
+    for group in groups:
+        chunk = [frames[i] for i in group]
         batch = build_batch(chunk, spec.z_table, float(spec.settings.r_max), dtype=spec.dtype)
         batch["ref_energy"] = torch.tensor([reference_energy(a) for a in chunk], dtype=spec.dtype)
         batch["ref_forces"] = torch.tensor(np.concatenate([reference_forces(a) for a in chunk]), dtype=spec.dtype)

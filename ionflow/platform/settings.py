@@ -60,3 +60,4 @@ class TrainingSettings:
     valid_fraction: float  # share of labels held out for validation
     finetune_lr_factor: float  # a refinement's learning rate is learning_rate x this
     nll_weight: float  # weight of the shallow ensemble's Gaussian NLL, dimensionless
+    batch_atoms: int | None  # atoms per optimiser step (size-balanced batches); None: batch_size frames

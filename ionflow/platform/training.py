@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from ionflow.platform.batching import pack_by_atoms
 from ionflow.platform.dataset import (
     check_one_level_of_theory,
     dataset_problem,
@@ -143,8 +144,15 @@ def train_ensemble(
     batch_size = training.batch_size
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train_batches_fixed = None if len(train) > batch_size else label_batches(train, spec, batch_size, device)
-    valid_batches = label_batches(valid, spec, batch_size, device) if valid else []
+    sizes = [len(a) for a in train]
+    if training.batch_atoms is not None:  # size-balanced: about batch_atoms atoms per step
+        fixed = sum(sizes) <= training.batch_atoms
+        valid_groups = pack_by_atoms([len(a) for a in valid], training.batch_atoms) if valid else []
+    else:
+        fixed = len(train) <= batch_size
+        valid_groups = None
+    train_batches_fixed = label_batches(train, spec, batch_size, device) if fixed else None
+    valid_batches = label_batches(valid, spec, batch_size, device, valid_groups) if valid else []
 
     optimiser = torch.optim.Adam(ensemble.parameters(), lr=learning_rate, amsgrad=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _cosine_decay(epochs))
@@ -158,8 +166,13 @@ def train_ensemble(
         if train_batches_fixed is not None:
             batches = train_batches_fixed
         else:
-            order = rng.permutation(len(train))
-            batches = label_batches([train[i] for i in order], spec, batch_size, device)
+            if training.batch_atoms is not None:
+                batches = label_batches(
+                    train, spec, batch_size, device, pack_by_atoms(sizes, training.batch_atoms, rng)
+                )
+            else:
+                order = rng.permutation(len(train))
+                batches = label_batches([train[i] for i in order], spec, batch_size, device)
         total = 0.0
         for batch in batches:
             optimiser.zero_grad(set_to_none=True)
