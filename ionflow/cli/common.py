@@ -66,9 +66,9 @@ def log_to(folder: Path) -> None:
 
 def shown_url(url: str) -> str:
     """A database URL fit to print: any password replaced by ***."""
-    from sqlalchemy.engine import make_url
+    from ionflow.db.session import shown_url as shown
 
-    return make_url(url).render_as_string(hide_password=True)
+    return shown(url)
 
 
 def load_campaign(config: Path):

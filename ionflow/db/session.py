@@ -32,6 +32,11 @@ SQLITE_BUSY_TIMEOUT_S = 30
 _UPGRADE_LOCK = threading.Lock()
 
 
+def shown_url(url: str) -> str:
+    """A database URL fit to print or store: any password replaced by ***."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def sqlite_url(path: str | Path) -> str:
     """SQLAlchemy URL of a SQLite file (made absolute, so it does not depend on the cwd)."""
     return f"sqlite:///{Path(path).expanduser().resolve()}"

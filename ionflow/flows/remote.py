@@ -29,6 +29,7 @@ from sqlalchemy import select
 from ionflow.db import Structure, session_scope, utcnow
 from ionflow.db.models import Calculation, Campaign, RemoteJob
 from ionflow.db.records import record_or_adopt
+from ionflow.db.session import shown_url
 from ionflow.dft_adapters.base import LabelResult
 from ionflow.dft_adapters.batch import batch_parameters, structures_text
 from ionflow.flows.context import Context
@@ -38,7 +39,6 @@ from ionflow.flows.report import stage
 @dataclass
 class _Job:
     id: int
-    key: str
     structure_ids: list[int]
     node_uuid: str
 
@@ -84,7 +84,7 @@ def _open_jobs(ctx: Context, iteration_id: int, dispatch) -> list[_Job]:  # noqa
                     session.delete(row)
                     continue
                 row.node_uuid, row.node_pk, row.state, row.submitted_at = node.uuid, node.pk, "running", utcnow()
-            jobs.append(_Job(row.id, row.key, list(row.structure_ids), row.node_uuid))
+            jobs.append(_Job(row.id, list(row.structure_ids), row.node_uuid))
     return jobs
 
 
@@ -121,14 +121,14 @@ def _submit(ctx: Context, dispatch, target, campaign_id: int, index: int, iterat
             "ionflow_iteration": index,
             "ionflow_structure_ids": ids,
             "ionflow_remote_job_id": job_id,
-            "ionflow_database": _shown(ctx.config.db_url),
+            "ionflow_database": shown_url(ctx.config.db_url),
         },
     )
     with session_scope(ctx.sessions) as session:
         row = session.get(RemoteJob, job_id)
         row.node_uuid, row.node_pk, row.state, row.submitted_at = node.uuid, node.pk, "running", utcnow()
     get_run_logger().info("submitted AiiDA job %s (pk %d): %d structures", node.uuid, node.pk, len(ids))
-    return _Job(job_id, key, ids, node.uuid)
+    return _Job(job_id, ids, node.uuid)
 
 
 def _collect(  # noqa: ANN001
@@ -210,9 +210,3 @@ def _close_job(ctx: Context, job: _Job, node, exit_status: int | None) -> None: 
         row = session.get(RemoteJob, job.id)
         row.state, row.exit_status, row.collected_at = "collected", exit_status, utcnow()
     node.base.extras.set_many({"ionflow_calculation_ids": {str(s): c for s, c in rows}})
-
-
-def _shown(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

@@ -147,7 +147,7 @@ def train_ensemble(
     sizes = [len(a) for a in train]
     if training.batch_atoms is not None:  # size-balanced: about batch_atoms atoms per step
         fixed = sum(sizes) <= training.batch_atoms
-        valid_groups = pack_by_atoms([len(a) for a in valid], training.batch_atoms) if valid else []
+        valid_groups = pack_by_atoms([len(a) for a in valid], training.batch_atoms)
     else:
         fixed = len(train) <= batch_size
         valid_groups = None
@@ -165,14 +165,11 @@ def train_ensemble(
         ensemble.train()
         if train_batches_fixed is not None:
             batches = train_batches_fixed
+        elif training.batch_atoms is not None:
+            batches = label_batches(train, spec, batch_size, device, pack_by_atoms(sizes, training.batch_atoms, rng))
         else:
-            if training.batch_atoms is not None:
-                batches = label_batches(
-                    train, spec, batch_size, device, pack_by_atoms(sizes, training.batch_atoms, rng)
-                )
-            else:
-                order = rng.permutation(len(train))
-                batches = label_batches([train[i] for i in order], spec, batch_size, device)
+            order = rng.permutation(len(train))
+            batches = label_batches([train[i] for i in order], spec, batch_size, device)
         total = 0.0
         for batch in batches:
             optimiser.zero_grad(set_to_none=True)

@@ -41,7 +41,7 @@ from starlette.templating import Jinja2Templates
 from ionflow.db import session_factory
 from ionflow.db.models import Campaign
 from ionflow.db.provenance import campaign_folder
-from ionflow.db.session import read_only_engine
+from ionflow.db.session import read_only_engine, shown_url
 from ionflow.ui import data, figures
 
 HERE = Path(__file__).resolve().parent
@@ -86,7 +86,7 @@ class Dashboard:
 
         if (problem := schema_problem(self.engine)) is not None:
             self.engine.dispose()
-            raise ValueError(f"{_shown(url)}: {problem}")
+            raise ValueError(f"{shown_url(url)}: {problem}")
         self.sessions = session_factory(self.engine)
         with self.session() as s:
             self.only_campaign = s.scalar(select(func.count(Campaign.id))) <= 1
@@ -122,7 +122,7 @@ def create_app(url: str, folder: Path | None = None) -> Starlette:
     async def campaigns_page(request: Request) -> Response:
         with board.session() as s:
             rows = data.campaigns(s)
-        return page("campaigns.html", request, campaigns=rows, database=_shown(url))
+        return page("campaigns.html", request, campaigns=rows, database=shown_url(url))
 
     async def campaign_page(request: Request) -> Response:
         iteration = _int(request.query_params.get("iteration"))
@@ -227,12 +227,6 @@ def _escape(text: str) -> str:
     from markupsafe import escape
 
     return str(escape(text))
-
-
-def _shown(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 @lru_cache(maxsize=1)

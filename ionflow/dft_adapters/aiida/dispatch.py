@@ -107,7 +107,7 @@ def check_target(
     if problem:
         raise DispatchError(f"options: {problem}")
     if check_daemon:
-        _broker_problem(name)
+        _check_broker(name)
     resources = LabelCalculation.spec().inputs["metadata"]["options"]["resources"].default
     return Target(profile=name, computer=node, code=the_code, options={"resources": resources, **options})
 
@@ -131,7 +131,7 @@ def _options_problem(computer: orm.Computer, code: orm.AbstractCode, options: di
     return None
 
 
-def _broker_problem(profile: str) -> None:
+def _check_broker(profile: str) -> None:
     from aiida.manage import get_manager
 
     manager = get_manager()
@@ -203,7 +203,6 @@ class BatchOutcome:
 
     results: dict[int, LabelResult]
     exit_status: int | None
-    message: str
 
 
 def outcome(node: orm.CalcJobNode, n: int, computer: str, missing: LabelResult) -> BatchOutcome | None:
@@ -235,7 +234,7 @@ def outcome(node: orm.CalcJobNode, n: int, computer: str, missing: LabelResult) 
                 status="timeout" if walltime else "failed",
                 error=f"no result: the job ended before this structure's calculation did ({why})",
             )
-    return BatchOutcome(results=results, exit_status=node.exit_status, message=why)
+    return BatchOutcome(results=results, exit_status=node.exit_status)
 
 
 def _last_line(text: str | None) -> str:
