@@ -90,7 +90,7 @@ def min_distance(atoms: Atoms) -> float:
 
 
 def member(electrostatics: str) -> torch.nn.Module:
-    hyper = ModelConfig(ensemble_size=2, electrostatics=electrostatics).model_dump()
+    hyper = ModelConfig(ensemble_size=2, electrostatics=electrostatics).hyper()
     spec = ModelSpec(hyper=hyper, z_table=Z_TABLE, atomic_energies=E0, scale=1.0, avg_num_neighbors=20.0)
     committee = Committee(spec, seeds=[0, 1])
     committee.eval()

@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     start = with_charge_state(Atoms([s for s, _ in ZUNDEL], positions=[p for _, p in ZUNDEL]), 1, 1)
     spec = ModelSpec(
-        hyper=ModelConfig(dtype=args.dtype).model_dump(), z_table=[1, 8], atomic_energies=[-13.6, -2041.0], scale=3.0
+        hyper=ModelConfig(dtype=args.dtype).hyper(), z_table=[1, 8], atomic_energies=[-13.6, -2041.0], scale=3.0
     )
     committee = Committee(spec)
     starts = rattled(start, args.walkers, 0.02, seed=0)

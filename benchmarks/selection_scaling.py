@@ -48,7 +48,7 @@ WINDOW = dict(threshold=0.05, ceiling=1.0, per_iteration=PER_ITERATION)
 def tiny_committee() -> Committee:
     hyper = ModelConfig(
         ensemble_size=2, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", num_interactions=2, dtype="float64"
-    ).model_dump()
+    ).hyper()
     spec = ModelSpec(hyper=hyper, z_table=Z_TABLE, atomic_energies=E0, avg_num_neighbors=10.0, seeds=[1, 2])
     return Committee(spec).eval()
 

@@ -55,7 +55,7 @@ HYDRONIUM = Atoms("OH3", positions=[[0.0, 0.0, 0.12], [0.0, 0.94, -0.16], [0.81,
 
 
 def ensemble(kind: str, k: int):
-    hyper = ModelConfig(uncertainty=kind, ensemble_size=k, electrostatics="equilibrated").model_dump()
+    hyper = ModelConfig(uncertainty=kind, ensemble_size=k, electrostatics="equilibrated").hyper()
     spec = ModelSpec(hyper=hyper, z_table=Z_TABLE, atomic_energies=E0, scale=1.0, avg_num_neighbors=10.0)
     return build_ensemble(spec).eval()
 

@@ -11,6 +11,7 @@ functions at the end turn pydantic's errors into messages that name the field.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -271,6 +272,24 @@ class ModelConfig(Strict):
     charge_width: float = Field(1.0, gt=0.1, le=5.0, description="Width σ (Å) of each atom's Gaussian charge.")
     polarisation_steps: int = Field(2, ge=1, le=3, description="Fixed polarisation updates (polarisable only).")
 
+    #: Fields that say where the backbone's weights start, not what the architecture is (absent from
+    #: ModelSettings; the train step and ``ionflow train`` read them).
+    CAMPAIGN_ONLY: ClassVar[tuple[str, ...]] = ("foundation", "foundation_sha256")
+
+    foundation: Path | None = Field(
+        None,
+        description="A mace-torch model file (MACE-MP-0, MACE-OFF, or one from mace_run_train; relative to the "
+        "campaign file) whose architecture and weights become the backbone: ionflow adds its electrostatic head and "
+        "fine-tunes. Its cutoff, layers and element table replace r_max, num_interactions, hidden_irreps, mlp_irreps, "
+        "max_ell, correlation, num_bessel and num_polynomial_cutoff. Such a file is a Python pickle: reading it runs "
+        "code named in it, so it is read only because you name it here; pin it with foundation_sha256.",
+    )
+    foundation_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="The foundation file's expected sha256: a file that differs is refused before it is unpickled.",
+    )
+
     @field_validator("hidden_irreps", "mlp_irreps")
     @classmethod
     def _irreps(cls, value: str) -> str:
@@ -284,7 +303,11 @@ class ModelConfig(Strict):
 
     def settings(self) -> ModelSettings:
         """These fields as the platform reads them (and a model file stores them)."""
-        return ModelSettings(**self.model_dump())
+        return ModelSettings(**self.model_dump(exclude=set(self.CAMPAIGN_ONLY)))
+
+    def hyper(self) -> dict[str, Any]:
+        """:meth:`settings` as the plain dict a model file keeps (``ModelSpec.hyper``)."""
+        return dataclasses.asdict(self.settings())
 
 
 class TrainingConfig(Strict):
@@ -339,8 +362,36 @@ class TrainingConfig(Strict):
         "atoms, so that steps on large cells and on small molecules cost the same (a structure above it alone).",
     )
 
+    frozen_layers: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="With model.foundation: the backbone's embeddings and its first frozen_layers message-passing "
+        "layers (interaction and product blocks) keep the foundation's weights; its readouts and the later layers "
+        "train. At most the foundation's number of layers.",
+    )
+    foundation_lr_factor: float = Field(
+        0.1,
+        gt=0,
+        le=1.0,
+        description="With model.foundation: the backbone's learning rate = the heads' learning rate x this "
+        "(dimensionless), so that a few labels adjust rather than overwrite what the foundation learned.",
+    )
+    replay_file: Path | None = Field(
+        None,
+        description="With model.foundation: a sample of the foundation's own training data (any ASE-readable file "
+        "with energies and forces at the foundation's level of theory, relative to the campaign file), replayed "
+        "through the backbone's own readout while fine-tuning so that it does not forget.",
+    )
+    replay_frames: int = Field(
+        64, ge=1, le=1_000_000, description="Replay frames drawn afresh each epoch (at most the file's)."
+    )
+    replay_weight: float = Field(
+        0.1, ge=0, le=1e3, description="Weight of the replay loss relative to the campaign's (dimensionless)."
+    )
+
     #: Fields the campaign's train step reads, not the platform (absent from TrainingSettings).
-    CAMPAIGN_ONLY: ClassVar[tuple[str, ...]] = ("from_scratch",)
+    CAMPAIGN_ONLY: ClassVar[tuple[str, ...]] = ("from_scratch", "replay_file")
 
     from_scratch: bool = Field(
         False,
@@ -589,6 +640,13 @@ class CampaignConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _foundation(self) -> CampaignConfig:
+        problem = foundation_options_problem(self.model, self.training)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _one_dispatch(self) -> CampaignConfig:
         if self.reference.dispatch.engine == "aiida" and self.execution.task_runner == "dask":
             raise ValueError(
@@ -706,10 +764,35 @@ _SETTINGS_ADDED_LATER = (
     ("test", "held_out_per_iteration"),
     ("test", "file"),
     ("training", "batch_atoms"),
+    ("model", "foundation"),
+    ("model", "foundation_sha256"),
+    ("training", "frozen_layers"),
+    ("training", "foundation_lr_factor"),
+    ("training", "replay_file"),
+    ("training", "replay_frames"),
+    ("training", "replay_weight"),
 )
 
 #: Sections whose every key is in :data:`_SETTINGS_ADDED_LATER`: left out whole at their defaults.
 _SECTIONS_ADDED_LATER = ("test",)
+
+
+def foundation_options_problem(model: ModelConfig, training: TrainingConfig) -> str | None:
+    """What is wrong with the foundation options of ``model`` and ``training`` (files that are not
+    there, options that need a foundation without one), or None. Reads no file's contents."""
+    if model.foundation is None:
+        if training.frozen_layers:
+            return "training.frozen_layers needs model.foundation (a model of ionflow's own has nothing to keep)"
+        if training.replay_file is not None:
+            return "training.replay_file needs model.foundation (replay is of the foundation's own data)"
+        if model.foundation_sha256 is not None:
+            return "model.foundation_sha256 pins model.foundation, which is not set"
+        return None
+    if not model.foundation.is_file():
+        return f"model.foundation: no such file {model.foundation}"
+    if training.replay_file is not None and not training.replay_file.is_file():
+        return f"training.replay_file: no such file {training.replay_file}"
+    return None
 
 
 class TrainFile(Strict):
@@ -717,6 +800,13 @@ class TrainFile(Strict):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _foundation(self) -> TrainFile:
+        problem = foundation_options_problem(self.model, self.training)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class ConfigError(ValueError):
@@ -785,8 +875,14 @@ def database_url_problem(url: str) -> str | None:
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Paths in the file are relative to the file: ``system.structure`` and ``test.file``."""
-    for section, key in (("system", "structure"), ("test", "file")):
+    """Paths in the file are relative to the file: ``system.structure``, ``test.file``, ``model.foundation``
+    and ``training.replay_file``."""
+    for section, key in (
+        ("system", "structure"),
+        ("test", "file"),
+        ("model", "foundation"),
+        ("training", "replay_file"),
+    ):
         values = raw.get(section)
         if isinstance(values, dict) and isinstance(values.get(key), str):
             path = Path(values[key]).expanduser()
@@ -837,6 +933,7 @@ def load_train_config(
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping with 'model:' and 'training:' sections")
+        raw = _resolve_paths(raw, path.parent.resolve())
     for section, values in (overrides or {}).items():
         if values:
             current = raw.get(section)

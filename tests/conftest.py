@@ -24,7 +24,7 @@ def tiny_hyper() -> dict:
     """ModelConfig defaults, shrunk: 2 members, 8 channels, 2 interactions, float64."""
     return ModelConfig(
         ensemble_size=2, hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", num_interactions=2, dtype="float64"
-    ).model_dump()
+    ).hyper()
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +67,22 @@ def trained(h3o_labelled, tiny_hyper):
     ).settings()
     committee, report = train_ensemble(train, valid, ModelSettings(**tiny_hyper), training, seed=3)
     return committee, report, train, valid, test
+
+
+@pytest.fixture(scope="session")
+def foundation_pretraining() -> list[Atoms]:
+    """The foundation's own training data (:func:`tests.foundation.pretraining_frames`, GFN2-xTB)."""
+    from tests.foundation import pretraining_frames
+
+    return pretraining_frames()
+
+
+@pytest.fixture(scope="session")
+def foundation_file(tmp_path_factory, foundation_pretraining):
+    """A small mace-torch foundation model file (:func:`tests.foundation.make_foundation`). Do not modify."""
+    from tests.foundation import make_foundation
+
+    return make_foundation(tmp_path_factory.mktemp("foundation") / "small.model", foundation_pretraining)
 
 
 @pytest.fixture

@@ -83,7 +83,8 @@ def load_campaign(config: Path):
 
 def check_reference(cfg, path: Path) -> None:
     """Refuse, before any work, a system the reference adapter cannot label (a periodic cell for
-    PySCF, a charge the ASE calculator cannot be told, a code that is not installed)."""
+    PySCF, a charge the ASE calculator cannot be told, a code that is not installed), and a
+    foundation model that cannot start it (:func:`read_foundation_options`)."""
     from ionflow.dft_adapters import SettingError, get_adapter
 
     adapter = get_adapter(cfg.reference.adapter, cfg.reference.settings)
@@ -99,6 +100,33 @@ def check_reference(cfg, path: Path) -> None:
         check_dispatch(cfg.reference.dispatch)
     except ValueError as exc:
         fail(f"{path}: {exc}")
+    read_foundation_options(cfg.model, cfg.training, [cfg.system.atoms(), *cfg.test_structures()[0]], "the campaign")
+
+
+def read_foundation_options(model, training, frames: list, what: str) -> tuple:
+    """The foundation model (None without ``model.foundation``) and replay frames of a model or
+    campaign config, read before any work: exit 2 naming the problem when the file is refused
+    (sha256 pin, not a MACE model, an element of ``frames`` it lacks). Says on stderr that the
+    file is unpickled."""
+    if model.foundation is None:
+        return None, []
+    from ionflow.platform.finetune import check_elements, read_replay
+    from ionflow.platform.model.foundation import UNPICKLING_NOTE, read_foundation
+
+    err.print(f"note: reading foundation model {model.foundation}: {UNPICKLING_NOTE}")
+    try:
+        foundation = read_foundation(model.foundation, model.foundation_sha256)
+        check_elements(foundation, frames, what)
+        replay = [] if training.replay_file is None else read_replay(training.replay_file, foundation.z_table)
+    except ValueError as exc:
+        fail(str(exc))
+    if training.frozen_layers > int(foundation.config["num_interactions"]):
+        fail(
+            f"training.frozen_layers is {training.frozen_layers} but the foundation has "
+            f"{foundation.config['num_interactions']} message-passing layers"
+        )
+    err.print(f"foundation sha256 {foundation.sha256}")
+    return foundation, replay
 
 
 def fail(message: str) -> NoReturn:

@@ -13,6 +13,7 @@ from ionflow.cli.common import (
     fail,
     metrics_table,
     progress_bar,
+    read_foundation_options,
     read_labelled,
 )
 
@@ -34,11 +35,24 @@ def train(
     epochs: int | None = typer.Option(None, help="Training epochs."),
     valid_fraction: float | None = typer.Option(None, help="Share of frames held out for validation."),
     seed: int = typer.Option(0, help="Seed of the initial weights and of the order of the training frames."),
+    foundation: Path | None = typer.Option(
+        None,
+        help="A mace-torch model file (MACE-MP-0, MACE-OFF, mace_run_train's) to fine-tune: its architecture, "
+        "weights and element table become the backbone. It is unpickled (runs code named in it): trusted files only.",
+    ),
+    foundation_sha256: str | None = typer.Option(None, help="Refuse the foundation file unless it has this sha256."),
+    replay: Path | None = typer.Option(
+        None, help="Frames of the foundation's own training data (energies, forces) replayed while fine-tuning."
+    ),
+    frozen_layers: int | None = typer.Option(
+        None, help="With --foundation: message-passing layers (and the embeddings) that keep the foundation's weights."
+    ),
 ) -> None:
     """Train a model (committee or shallow ensemble) on a labelled dataset, outside any campaign.
 
     Each frame's total charge and multiplicity come from its info (charge, multiplicity; defaults 0 and 1).
-    REF_charges and REF_dipole labels are fitted by models with electrostatics.
+    REF_charges and REF_dipole labels are fitted by models with electrostatics. With --foundation the
+    model is fine-tuned from a foundation model; the file's sha256 is recorded in the model's provenance.
     """
     from ionflow.config import ConfigError, load_train_config
 
@@ -49,16 +63,28 @@ def train(
                 "electrostatics": electrostatics,
                 "uncertainty": uncertainty,
                 "ensemble_size": ensemble_size,
+                "foundation": foundation,
+                "foundation_sha256": foundation_sha256,
             }.items()
             if v is not None
         },
-        "training": {k: v for k, v in {"epochs": epochs, "valid_fraction": valid_fraction}.items() if v is not None},
+        "training": {
+            k: v
+            for k, v in {
+                "epochs": epochs,
+                "valid_fraction": valid_fraction,
+                "replay_file": replay,
+                "frozen_layers": frozen_layers,
+            }.items()
+            if v is not None
+        },
     }
     try:
         model_cfg, training_cfg = load_train_config(config, overrides)
     except ConfigError as exc:
         fail(str(exc))
     frames = read_labelled(data)
+    start, replayed = read_foundation_options(model_cfg, training_cfg, frames, "the data")
 
     from rich.console import Console
     from rich.progress import (
@@ -89,6 +115,8 @@ def train(
             training_cfg.settings(),
             seed=seed,
             progress=lambda done, total: bar.update(task, completed=done),
+            foundation=start,
+            replay=replayed,
         )
     from ionflow.db import sha256_file, utcnow
 

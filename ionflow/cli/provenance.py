@@ -253,6 +253,9 @@ def _print_lineage(info: dict[str, Any]) -> None:
         if k in model
     )
     out.print(f"  model      {shown}")
+    foundation = (hyper.get("spec") or {}).get("foundation")
+    if foundation:
+        out.print(f"  foundation {foundation['path']} (sha256 {foundation['sha256']})")
     shown = ", ".join(
         f"{k}={training[k]}" for k in ("epochs", "finetune_epochs", "lr", "batch_size", "from_scratch") if k in training
     )

@@ -18,12 +18,15 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from ase import Atoms
 from sqlalchemy.orm import Session, sessionmaker
 
 from ionflow.config import CampaignConfig, load_config
 from ionflow.db import Model, ObjectStore, make_engine, session_factory, sha256_file, upgrade
 from ionflow.dft_adapters import get_adapter
+from ionflow.platform.finetune import read_replay
 from ionflow.platform.model import Ensemble, load_model
+from ionflow.platform.model.foundation import Foundation, read_foundation
 
 ORDER = ("started", "explored", "selected", "labelled", "trained", "done")
 
@@ -48,6 +51,20 @@ class Context:
     @functools.cached_property
     def adapter(self):
         return get_adapter(self.config.reference.adapter, self.config.reference.settings)
+
+    @functools.cached_property
+    def foundation(self) -> Foundation | None:
+        """The campaign's foundation model (``model.foundation``), read once per process; None without one."""
+        model = self.config.model
+        if model.foundation is None:
+            return None
+        return read_foundation(model.foundation, model.foundation_sha256)
+
+    @functools.cached_property
+    def replay(self) -> list[Atoms]:
+        """The foundation's replay frames (``training.replay_file``); none without a file."""
+        path = self.config.training.replay_file
+        return [] if path is None else read_replay(path)
 
     def load(self, model: Model) -> Ensemble:
         """The ensemble a model row points to, refused if its file changed since it was recorded."""

@@ -54,6 +54,8 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
                 seed=training_seed(cfg.seed, index),
                 parent=ctx.load(parent) if refine else None,
                 progress=update,
+                foundation=ctx.foundation,  # used only when there is no parent to refine
+                replay=ctx.replay,
             )
         splits = {calc.id: "valid" if held_out else "train" for (calc, _), held_out in zip(pool, flags)}
         provenance = {
@@ -81,8 +83,8 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
             parent_id=parent.id if parent is not None else None,
             kind=f"mace-{cfg.model.uncertainty}",
             hyperparameters={
-                "model": cfg.model.model_dump(),
-                "training": cfg.training.model_dump(),
+                "model": cfg.model.model_dump(mode="json"),
+                "training": cfg.training.model_dump(mode="json"),
                 "spec": ensemble.spec.to_dict(),
             },
             metrics={**metrics.training(report.__dict__), **metrics.errors("valid", evaluate(ensemble, valid))},

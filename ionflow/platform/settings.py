@@ -61,3 +61,7 @@ class TrainingSettings:
     finetune_lr_factor: float  # a refinement's learning rate is learning_rate x this
     nll_weight: float  # weight of the shallow ensemble's Gaussian NLL, dimensionless
     batch_atoms: int | None  # atoms per optimiser step (size-balanced batches); None: batch_size frames
+    frozen_layers: int  # foundation backbones: embeddings and the first frozen_layers layers keep their weights
+    foundation_lr_factor: float  # foundation backbones: their learning rate = the heads' x this
+    replay_frames: int  # foundation replay frames drawn per epoch
+    replay_weight: float  # weight of the replay loss, dimensionless

@@ -38,8 +38,10 @@ from ionflow.platform.dataset import (
 )
 from ionflow.platform.device import pick_device
 from ionflow.platform.evaluation import calibrate, evaluate
+from ionflow.platform.finetune import from_foundation, parameter_groups, replay_backward, replay_batches
 from ionflow.platform.loss import backward, loss_weights, validation_loss
 from ionflow.platform.model.ensemble import Ensemble, ModelSpec, build_ensemble
+from ionflow.platform.model.foundation import Foundation
 from ionflow.platform.model.graph import build_batch
 from ionflow.platform.settings import ModelSettings, TrainingSettings
 
@@ -91,6 +93,16 @@ def new_spec(frames: Sequence[Atoms], model: ModelSettings, seed: int) -> ModelS
     )
 
 
+def foundation_problem(spec: ModelSpec, frames: Sequence[Atoms]) -> str | None:
+    """Why ``frames`` cannot go through a model with ``spec`` (an element outside its table), or None."""
+    from ase.data import chemical_symbols
+
+    missing = sorted({int(z) for a in frames for z in a.numbers} - set(spec.z_table))
+    if missing:
+        return f"{', '.join(chemical_symbols[z] for z in missing)} outside the model's elements"
+    return None
+
+
 def _cosine_decay(epochs: int) -> Callable[[int], float]:
     """Learning-rate factor of epoch e: from 1 down to LR_FLOOR at the last epoch, on a cosine."""
     return lambda e: LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
@@ -105,6 +117,8 @@ def train_ensemble(
     parent: Ensemble | None = None,
     progress: Progress | None = None,
     device: torch.device | str | None = None,
+    foundation: Foundation | None = None,
+    replay: Sequence[Atoms] = (),
 ) -> tuple[Ensemble, TrainReport]:
     """Train an ensemble on labelled ``train`` frames, keeping the weights best on ``valid``,
     then fit its calibration on ``valid`` (:func:`~ionflow.platform.evaluation.calibrate`; kept
@@ -119,7 +133,12 @@ def train_ensemble(
 
     With a ``parent`` whose elements cover the data the ensemble is refined from the parent's
     weights and architecture (the parent itself is not modified); otherwise a fresh one with
-    the architecture ``model`` starts from scratch with E0 and force scale fitted to ``train``.
+    the architecture ``model`` starts from scratch with E0 and force scale fitted to ``train``, or,
+    given a ``foundation``, from the foundation's architecture and weights with ionflow's heads
+    (:mod:`~ionflow.platform.finetune`). A model fine-tuned from a foundation (now or by its
+    parent) trains its backbone at ``foundation_lr_factor`` times the heads' rate with its first
+    ``frozen_layers`` layers frozen, and replays ``training.replay_frames`` of the ``replay``
+    frames (the foundation's level of theory) each epoch.
     """
     if not train:
         raise ValueError("no training frames")
@@ -133,8 +152,17 @@ def train_ensemble(
     from_parent = parent is not None and elements <= set(parent.z_table)
     if from_parent:
         ensemble = copy.deepcopy(parent)
+    elif foundation is not None:
+        seeds = [seed * MEMBER_SEED_STRIDE + i for i in range(int(model.ensemble_size))]
+        ensemble = from_foundation(train, model, seeds, foundation)
     else:
         ensemble = build_ensemble(new_spec(train, model, seed))
+    if replay and ensemble.spec.foundation is None:
+        raise ValueError("replay frames need a model fine-tuned from a foundation model (model.foundation)")
+    if replay:
+        problem = dataset_problem(replay) or foundation_problem(ensemble.spec, replay)
+        if problem:
+            raise ValueError(f"replay frames: {problem}")
     device = torch.device(device) if device is not None else pick_device()
     ensemble = ensemble.to(device)
     spec = ensemble.spec
@@ -154,7 +182,7 @@ def train_ensemble(
     train_batches_fixed = label_batches(train, spec, batch_size, device) if fixed else None
     valid_batches = label_batches(valid, spec, batch_size, device, valid_groups) if valid else []
 
-    optimiser = torch.optim.Adam(ensemble.parameters(), lr=learning_rate, amsgrad=True)
+    optimiser = torch.optim.Adam(parameter_groups(ensemble, training, learning_rate), lr=learning_rate, amsgrad=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _cosine_decay(epochs))
     best = (math.inf, -1, copy.deepcopy(ensemble.state_dict()))
     train_loss = math.nan
@@ -170,10 +198,13 @@ def train_ensemble(
         else:
             order = rng.permutation(len(train))
             batches = label_batches([train[i] for i in order], spec, batch_size, device)
+        replayed = replay_batches(replay, spec, training.replay_frames, len(batches), rng, device)
         total = 0.0
-        for batch in batches:
+        for step, batch in enumerate(batches):
             optimiser.zero_grad(set_to_none=True)
             total += backward(ensemble, batch, weights)
+            if step < len(replayed) and training.replay_weight > 0:
+                replay_backward(ensemble, replayed[step], weights, training.replay_weight)
             optimiser.step()
         scheduler.step()
         train_loss = total / len(batches)
@@ -208,6 +239,8 @@ def fit_dataset(
     training: TrainingSettings,
     seed: int = 0,
     progress: Progress | None = None,
+    foundation: Foundation | None = None,
+    replay: Sequence[Atoms] = (),
 ) -> tuple[Ensemble, TrainReport, dict[str, float]]:
     """Train a fresh ensemble on labelled ``frames`` outside any campaign (``ionflow train``).
 
@@ -215,11 +248,14 @@ def fit_dataset(
     (``training.valid_fraction``); returns the ensemble (weights best on the validation frames),
     its report, and :func:`~ionflow.platform.evaluation.evaluate` on the validation frames
     (``{"n": 0}`` when none are held out). Raises ``ValueError`` naming the frame when
-    :func:`~ionflow.platform.dataset.dataset_problem` finds one.
+    :func:`~ionflow.platform.dataset.dataset_problem` finds one. ``foundation`` and ``replay``
+    as in :func:`train_ensemble`.
     """
     problem = dataset_problem(frames)
     if problem:
         raise ValueError(problem)
     train, valid = split(frames, training.valid_fraction)
-    ensemble, report = train_ensemble(train, valid, model, training, seed=seed, progress=progress)
+    ensemble, report = train_ensemble(
+        train, valid, model, training, seed=seed, progress=progress, foundation=foundation, replay=replay
+    )
     return ensemble, report, evaluate(ensemble, valid)

@@ -222,3 +222,48 @@ def test_walkers_grow_with_trust_and_the_campaign_stops_when_fit_for_md(tmp_path
         assert last.status == "done" and last.stop_reason == summary["stop_reason"]
         assert count(s, SelectionDecision, SelectionDecision.iteration_id == last.id) == 0  # nothing more to label
         assert count(s, Model) == 2  # v0 and v1: the model that passed is v1
+
+
+def test_campaign_fine_tuned_from_a_foundation_model(tmp_path, prefect_server, foundation_file, foundation_pretraining):
+    """model.foundation: every version keeps the foundation's architecture and names its file; the
+    campaign's preflight refuses a system with an element the foundation lacks before any work."""
+    from typer.testing import CliRunner
+
+    from ionflow.cli import app
+    from ionflow.flows.campaign import campaign_flow
+    from ionflow.flows.context import context
+    from ionflow.platform.model import load_model
+    from ionflow.platform.model.foundation import file_sha256
+    from ionflow.platform.structures import write_extxyz
+
+    write_extxyz(tmp_path / "replay.extxyz", foundation_pretraining[::4])
+    config = tiny_campaign(
+        tmp_path,
+        iterations=1,
+        model={"foundation": str(foundation_file)},
+        training={"frozen_layers": 1, "replay_file": "replay.extxyz", "replay_frames": 8},
+    )
+    path = write_campaign(tmp_path, config)
+    checked = CliRunner().invoke(app, ["validate", str(path)])
+    assert checked.exit_code == 0, checked.output
+    summary = campaign_flow(str(path))
+    assert summary["stop_reason"] == "finished 1 iterations"
+    ctx = context(str(path.resolve()))
+    sha = file_sha256(foundation_file)
+    with session_scope(ctx.sessions) as session:
+        models = session.scalars(select(Model).order_by(Model.version)).all()
+        assert len(models) == 2
+        for m in models:
+            model = load_model(ctx.folder / m.checkpoint_path)
+            assert model.spec.foundation["sha256"] == sha and model.spec.z_table == [1, 6, 8]
+            assert m.hyperparameters["spec"]["foundation"]["sha256"] == sha
+            assert m.hyperparameters["model"]["foundation"] == str(foundation_file)
+    shown = CliRunner().invoke(app, ["lineage", str(path)], env={"COLUMNS": "250"})
+    assert f"foundation {foundation_file} (sha256 {sha})" in shown.output, shown.output
+
+    config = tiny_campaign(tmp_path / "n", model={"foundation": str(foundation_file)})
+    config["system"]["structure"]["symbols"][0] = "N"
+    config["system"]["multiplicity"] = 2
+    refused = CliRunner().invoke(app, ["run", str(write_campaign(tmp_path, config, "nitrogen.yaml"))])
+    assert refused.exit_code == 2 and "hold N, which the foundation model" in " ".join(refused.output.split())
+    assert not (tmp_path / "n" / "runs").exists()

@@ -182,3 +182,51 @@ def test_unknown_section_is_refused(tmp_path, labelled_frames):
     result = runner.invoke(app, ["train", str(data), "-o", str(tmp_path / "m.pt"), "--config", str(config)])
     assert result.exit_code == 2
     assert "explore" in result.output and "unknown key" in result.output
+
+
+def test_train_fine_tunes_a_foundation_model_and_refuses_what_it_cannot(
+    tmp_path, labelled_frames, foundation_file, foundation_pretraining
+):
+    """``--foundation``: the file is named as a pickle before it is read, its sha256 goes into the
+    model's provenance; a pin that differs, an element it lacks and foundation options without a
+    foundation are refused before any work (exit 2, no model file)."""
+    from ionflow.platform.model.foundation import file_sha256
+
+    data = write_dataset(tmp_path / "data.extxyz", labelled_frames)
+    replay = tmp_path / "replay.extxyz"
+    write(str(replay), foundation_pretraining[::6], format="extxyz")
+    model = tmp_path / "model.pt"
+    base = ["train", str(data), "-o", str(model), "--epochs", "2", "--ensemble-size", "2"]
+    result = runner.invoke(
+        app, [*base, "--foundation", str(foundation_file), "--replay", str(replay), "--frozen-layers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Python pickle" in result.output
+    sha = file_sha256(foundation_file)
+    shown = runner.invoke(app, ["lineage", str(model)])
+    assert shown.exit_code == 0 and f"foundation_sha256      {sha}" in shown.output, shown.output
+    model.unlink()
+
+    refused = {
+        "pinned to": [*base, "--foundation", str(foundation_file), "--foundation-sha256", "ab" * 32],
+        "needs model.foundation": [*base, "--frozen-layers", "1"],
+        "no such file": [*base, "--foundation", str(tmp_path / "absent.model")],
+    }
+    ammonia = rattled(hydronium(), n=2, stdev=0.05, seed=1)
+    for atoms in ammonia:
+        atoms.numbers[0] = 7  # N in place of O: NH3+, not in the foundation's table
+        atoms.info.update(charge=1, multiplicity=2)
+    nitrogen = tmp_path / "nitrogen.extxyz"
+    write(str(nitrogen), [labelled_copy(a, -1.0, np.zeros((4, 3))) for a in ammonia], format="extxyz")
+    refused["hold N, which the foundation model"] = [
+        "train",
+        str(nitrogen),
+        "-o",
+        str(model),
+        "--foundation",
+        str(foundation_file),
+    ]
+    for words, args in refused.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and words in " ".join(result.output.split()), (words, result.output)
+        assert not model.exists()

@@ -66,11 +66,14 @@ def test_a_version_3_file_predicts_what_it_did(reference):
     assert pred["charges"].sum() == pytest.approx(1.0, abs=1e-10)
 
 
-def test_new_files_are_version_4_and_round_trip(reference, tmp_path):
+def test_new_files_without_a_foundation_are_version_4_and_round_trip(reference, tmp_path):
+    """Version 5 only adds a foundation backbone: a model without one is written as version 4,
+    with no key an ionflow release before 5 would not know."""
     model = load_model(V3_FILE)
     path = save_model(model, tmp_path / "model.pt")
     payload = torch.load(path, weights_only=True)
-    assert (payload["format"], payload["format_version"]) == (FORMAT, FORMAT_VERSION) == ("ionflow-ensemble", 4)
+    assert (payload["format"], payload["format_version"]) == (FORMAT, 4) and FORMAT_VERSION == 5
+    assert "backbone" not in payload["spec"] and "foundation" not in payload["spec"]
     again = load_model(path)
     assert again.spec.to_dict() == model.spec.to_dict()
     atoms = hydronium_of(reference)

@@ -32,7 +32,7 @@ def ensemble(
         dtype=dtype,
         r_max=r_max,
         uncertainty=uncertainty,
-    ).model_dump()
+    ).hyper()
     spec = ModelSpec(hyper=hyper, z_table=list(z_table), atomic_energies=[-1.0] * len(z_table), scale=2.0)
     torch.manual_seed(0)
     c = build_ensemble(spec)

@@ -156,7 +156,7 @@ def model(r_max: float = 3.0) -> Ensemble:
         mlp_irreps="8x0e",
         num_interactions=1,
         r_max=r_max,
-    ).model_dump()
+    ).hyper()
     spec = ModelSpec(hyper=hyper, z_table=[1, 8, 11, 17], atomic_energies=[-1.0] * 4, scale=2.0)
     torch.manual_seed(0)
     c = build_ensemble(spec)

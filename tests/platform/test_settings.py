@@ -13,7 +13,7 @@ from ionflow.platform.settings import ModelSettings, TrainingSettings
 
 @pytest.mark.parametrize(("config", "settings"), [(ModelConfig, ModelSettings), (TrainingConfig, TrainingSettings)])
 def test_config_sections_and_settings_have_the_same_fields(config, settings):
-    # in the same order: a model file stores ModelSettings as the dict ModelConfig.model_dump() was
+    # in the same order: a model file stores ModelSettings as the dict ModelConfig.hyper() is
     campaign_only = getattr(config, "CAMPAIGN_ONLY", ())
     assert [f for f in config.model_fields if f not in campaign_only] == [f.name for f in dataclasses.fields(settings)]
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(settings)), "defaults live in config"
@@ -34,4 +34,4 @@ def test_a_spec_reads_its_hyper_parameters_typed():
     model = ModelConfig(ensemble_size=4, dtype="float32").settings()
     spec = ModelSpec(hyper=dataclasses.asdict(model), z_table=[1, 8], atomic_energies=[0.0, 0.0])
     assert spec.settings == model
-    assert spec.hyper == ModelConfig(ensemble_size=4, dtype="float32").model_dump()
+    assert spec.hyper == ModelConfig(ensemble_size=4, dtype="float32").hyper()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ionflow.platform.model.foundation import build_backbone
 from ionflow.platform.model.mace_blocks import ScaleShiftMACE, interaction_classes, o3
 from ionflow.platform.model.network import Member
 from ionflow.platform.settings import ModelSettings
@@ -38,7 +39,10 @@ class ModelSpec:
     ``scale`` (eV) and ``shift`` (eV) map the readout to interaction energies;
     ``avg_num_neighbors`` normalises messages; ``calibration`` holds the factors that turn the
     raw spreads into predicted errors: ``energy`` (for the energy spread) and ``forces`` (for the
-    per-atom force spread), 1.0 until fitted.
+    per-atom force spread), 1.0 until fitted. A model fine-tuned from a foundation model has the
+    foundation's architecture in ``backbone`` (:func:`~ionflow.platform.model.foundation.backbone_config`,
+    plain data; ``None``: ionflow's own MACE from ``hyper``) and in ``foundation`` the file it came
+    from: path, sha256 and the foundation's own E0 (eV, ``z_table`` order).
     """
 
     hyper: dict[str, Any]
@@ -49,9 +53,17 @@ class ModelSpec:
     avg_num_neighbors: float = 4.0
     seeds: list[int] = field(default_factory=list)
     calibration: dict[str, float] = field(default_factory=lambda: {"energy": 1.0, "forces": 1.0})
+    backbone: dict[str, Any] | None = None
+    foundation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data; ``backbone`` and ``foundation`` only when set (files of models without a
+        foundation stay readable by ionflow releases that predate them)."""
+        data = asdict(self)
+        for key in ("backbone", "foundation"):
+            if data[key] is None:
+                del data[key]
+        return data
 
     @property
     def settings(self) -> ModelSettings:
@@ -68,6 +80,9 @@ def build_member(spec: ModelSpec, seed: int, heads: int = 1) -> Member:
     h = spec.settings
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        if spec.backbone is not None:  # a foundation's architecture (its weights are loaded by the caller)
+            model = build_backbone(spec.backbone, spec.atomic_energies).to(spec.dtype)
+            return Member(model, h, list(spec.z_table), heads=heads)
         model = ScaleShiftMACE(
             r_max=float(h.r_max),
             num_bessel=int(h.num_bessel),
@@ -86,6 +101,7 @@ def build_member(spec: ModelSpec, seed: int, heads: int = 1) -> Member:
             gate=torch.nn.functional.silu,
             atomic_inter_scale=float(spec.scale),
             atomic_inter_shift=float(spec.shift),
+            use_reduced_cg=False,  # the layout of every ionflow model file, whether cuequivariance is installed or not
         ).to(spec.dtype)
         return Member(model, h, list(spec.z_table), heads=heads)
 

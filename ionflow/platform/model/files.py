@@ -16,11 +16,14 @@ from ionflow.platform.model.ensemble import Ensemble, ModelSpec, build_ensemble
 
 FORMAT = "ionflow-ensemble"
 # 2: members carry an electrostatic head; 3: shallow ensembles and calibration;
-# 4: the format is named "ionflow-ensemble" (the payload is laid out as in version 3)
-FORMAT_VERSION = 4
+# 4: the format is named "ionflow-ensemble" (the payload is laid out as in version 3);
+# 5: a backbone fine-tuned from a foundation model (spec.backbone, spec.foundation); models without
+# one are still written as version 4, which ionflow releases before 5 read
+FORMAT_VERSION = 5
+_PLAIN_VERSION = 4
 
 #: (format, version) pairs that :func:`load_model` reads; all share version 4's payload layout.
-READABLE = {(FORMAT, FORMAT_VERSION), ("ionflow-committee", 3)}
+READABLE = {(FORMAT, FORMAT_VERSION), (FORMAT, _PLAIN_VERSION), ("ionflow-committee", 3)}
 
 
 def save_model(ensemble: Ensemble, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
@@ -33,12 +36,16 @@ def save_model(ensemble: Ensemble, path: str | Path, provenance: dict[str, Any] 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    spec = ensemble.spec
+    recorded = {**(provenance or {}), "ionflow_version": __version__}
+    if spec.foundation is not None:  # the file it was fine-tuned from, in every copy of the model
+        recorded.update(foundation=spec.foundation["path"], foundation_sha256=spec.foundation["sha256"])
     payload = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "spec": ensemble.spec.to_dict(),
+        "format_version": FORMAT_VERSION if spec.backbone is not None else _PLAIN_VERSION,
+        "spec": spec.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in ensemble.state_dict().items()},
-        "provenance": {**(provenance or {}), "ionflow_version": __version__},
+        "provenance": recorded,
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
