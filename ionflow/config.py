@@ -424,6 +424,16 @@ class BootstrapConfig(Strict):
         "for test sets drawn from MD or given as a file).",
     )
     rattle_stdev: float = Field(0.04, gt=0, le=0.5, description="Standard deviation of the displacements, Å.")
+    source: Literal["rattle", "foundation_md"] = Field(
+        "rattle",
+        description="Where the n_train first training structures come from: rattle (random displacements of the "
+        "start) or foundation_md (zero-shot: Langevin MD with model.foundation alone, the electrostatic head off, "
+        "explore.walkers walkers at explore.temperature_K, frames spread evenly over md_steps; the test "
+        "structures stay rattles).",
+    )
+    md_steps: int = Field(
+        400, ge=1, le=MAX_COUNT, description="foundation_md: MD steps per walker (explore.timestep_fs each)."
+    )
 
 
 class TestSetConfig(Strict):
@@ -641,7 +651,7 @@ class CampaignConfig(Strict):
 
     @model_validator(mode="after")
     def _foundation(self) -> CampaignConfig:
-        problem = foundation_options_problem(self.model, self.training)
+        problem = foundation_options_problem(self.model, self.training, self.bootstrap)
         if problem:
             raise ValueError(problem)
         return self
@@ -771,16 +781,22 @@ _SETTINGS_ADDED_LATER = (
     ("training", "replay_file"),
     ("training", "replay_frames"),
     ("training", "replay_weight"),
+    ("bootstrap", "source"),
+    ("bootstrap", "md_steps"),
 )
 
 #: Sections whose every key is in :data:`_SETTINGS_ADDED_LATER`: left out whole at their defaults.
 _SECTIONS_ADDED_LATER = ("test",)
 
 
-def foundation_options_problem(model: ModelConfig, training: TrainingConfig) -> str | None:
-    """What is wrong with the foundation options of ``model`` and ``training`` (files that are not
-    there, options that need a foundation without one), or None. Reads no file's contents."""
+def foundation_options_problem(
+    model: ModelConfig, training: TrainingConfig, bootstrap: BootstrapConfig | None = None
+) -> str | None:
+    """What is wrong with the foundation options of ``model``, ``training`` and ``bootstrap`` (files
+    that are not there, options that need a foundation without one), or None. Reads no file's contents."""
     if model.foundation is None:
+        if bootstrap is not None and bootstrap.source == "foundation_md":
+            return "bootstrap.source foundation_md needs model.foundation (the model that runs the MD)"
         if training.frozen_layers:
             return "training.frozen_layers needs model.foundation (a model of ionflow's own has nothing to keep)"
         if training.replay_file is not None:

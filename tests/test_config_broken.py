@@ -235,3 +235,17 @@ def test_an_incomplete_or_contradictory_dispatch_is_refused(tmp_path):
     both = with_value(campaign(), ("reference", "dispatch"), {**aiida, "code": "ionflow"})
     both["execution"] = {"task_runner": "dask"}
     refused(tmp_path, both, "choose one")
+
+
+def test_foundation_options_without_a_foundation_or_its_file_are_refused(tmp_path):
+    for path, value, words in (
+        (("training", "frozen_layers"), 1, "training.frozen_layers needs model.foundation"),
+        (("training", "replay_file"), "replay.extxyz", "training.replay_file needs model.foundation"),
+        (("bootstrap", "source"), "foundation_md", "bootstrap.source foundation_md needs model.foundation"),
+        (("model", "foundation_sha256"), "a" * 64, "pins model.foundation, which is not set"),
+        (("model", "foundation"), "absent.model", "model.foundation: no such file"),
+    ):
+        refused(tmp_path, with_value(campaign(), path, value), *words.split(": "))
+    (tmp_path / "found.model").write_bytes(b"x")
+    broken = with_value(campaign(), ("model", "foundation"), "found.model")
+    refused(tmp_path, with_value(broken, ("training", "replay_file"), "absent.extxyz"), "training.replay_file")

@@ -131,6 +131,31 @@ def from_foundation(
     return ensemble
 
 
+def zero_shot(foundation: Foundation, model: ModelSettings) -> Ensemble:
+    """The foundation model alone, as a one-member ensemble with its own E0 and no electrostatic
+    head (``electrostatics: none``; the state head starts at zero): what a campaign explores with
+    before its first label. Its spreads are zero: nothing stops its walkers but contact."""
+    spec = ModelSpec(
+        hyper=dataclasses.asdict(
+            dataclasses.replace(
+                _architecture(model, foundation), electrostatics="none", uncertainty="committee", ensemble_size=1
+            )
+        ),
+        z_table=foundation.z_table,
+        atomic_energies=foundation.atomic_energies,
+        scale=float(np.ravel(foundation.config["atomic_inter_scale"])[0]),
+        shift=float(np.ravel(foundation.config["atomic_inter_shift"])[0]),
+        avg_num_neighbors=float(foundation.config["avg_num_neighbors"]),
+        seeds=[0],
+        backbone=foundation.config,
+        foundation=foundation.record(),
+    )
+    ensemble = build_ensemble(spec)
+    for member in members(ensemble):
+        member.backbone.load_state_dict(foundation.state_dict)
+    return ensemble.eval()
+
+
 def parameter_groups(ensemble: Ensemble, training: TrainingSettings, learning_rate: float) -> list[dict]:
     """Adam's parameter groups: everything at ``learning_rate`` for a model of ionflow's own; for
     one fine-tuned from a foundation, ionflow's heads at ``learning_rate``, the backbone at

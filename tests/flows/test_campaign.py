@@ -19,6 +19,7 @@ from ionflow.db import (
 )
 from ionflow.platform.model import load_calculator
 from ionflow.platform.structures import read_structures
+from tests.structures import hydronium
 
 from .conftest import tiny_campaign, write_campaign
 
@@ -225,7 +226,8 @@ def test_walkers_grow_with_trust_and_the_campaign_stops_when_fit_for_md(tmp_path
 
 
 def test_campaign_fine_tuned_from_a_foundation_model(tmp_path, prefect_server, foundation_file, foundation_pretraining):
-    """model.foundation: every version keeps the foundation's architecture and names its file; the
+    """model.foundation: the bootstrap's training frames come from MD with the foundation alone
+    (zero-shot), every version keeps the foundation's architecture and names its file; the
     campaign's preflight refuses a system with an element the foundation lacks before any work."""
     from typer.testing import CliRunner
 
@@ -237,11 +239,19 @@ def test_campaign_fine_tuned_from_a_foundation_model(tmp_path, prefect_server, f
     from ionflow.platform.structures import write_extxyz
 
     write_extxyz(tmp_path / "replay.extxyz", foundation_pretraining[::4])
+    h3o = hydronium()  # a system the small foundation knows (it collapses the Zundel cation's O-H-O)
+    system = {
+        "charge": 1,
+        "multiplicity": 1,
+        "structure": {"symbols": list(h3o.symbols), "positions": h3o.positions.tolist()},
+    }
     config = tiny_campaign(
         tmp_path,
         iterations=1,
+        system=system,
         model={"foundation": str(foundation_file)},
         training={"frozen_layers": 1, "replay_file": "replay.extxyz", "replay_frames": 8},
+        bootstrap={"n_train": 6, "n_test": 3, "source": "foundation_md", "md_steps": 60},
     )
     path = write_campaign(tmp_path, config)
     checked = CliRunner().invoke(app, ["validate", str(path)])
@@ -251,6 +261,9 @@ def test_campaign_fine_tuned_from_a_foundation_model(tmp_path, prefect_server, f
     ctx = context(str(path.resolve()))
     sha = file_sha256(foundation_file)
     with session_scope(ctx.sessions) as session:
+        initial = session.scalars(select(CampaignStructure).where(CampaignStructure.origin == "initial")).all()
+        # 2 walkers x 3 frames from 60 steps: sampled at steps 20, 40, 60
+        assert sorted(m.md_step for m in initial) == [20, 20, 40, 40, 60, 60]
         models = session.scalars(select(Model).order_by(Model.version)).all()
         assert len(models) == 2
         for m in models:
@@ -262,7 +275,7 @@ def test_campaign_fine_tuned_from_a_foundation_model(tmp_path, prefect_server, f
     assert f"foundation {foundation_file} (sha256 {sha})" in shown.output, shown.output
 
     config = tiny_campaign(tmp_path / "n", model={"foundation": str(foundation_file)})
-    config["system"]["structure"]["symbols"][0] = "N"
+    config["system"]["structure"]["symbols"][0] = "N"  # the Zundel cation with N for an O
     config["system"]["multiplicity"] = 2
     refused = CliRunner().invoke(app, ["run", str(write_campaign(tmp_path, config, "nitrogen.yaml"))])
     assert refused.exit_code == 2 and "hold N, which the foundation model" in " ".join(refused.output.split())

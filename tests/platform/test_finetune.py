@@ -14,7 +14,7 @@ from ase.build import molecule
 
 from ionflow.config import ModelConfig, TrainingConfig
 from ionflow.platform.evaluation import evaluate
-from ionflow.platform.finetune import from_foundation, members, parameter_groups, read_replay
+from ionflow.platform.finetune import from_foundation, members, parameter_groups, read_replay, zero_shot
 from ionflow.platform.model import load_model, read_provenance, save_model
 from ionflow.platform.model.foundation import file_sha256, read_foundation
 from ionflow.platform.model.graph import build_batch
@@ -173,3 +173,19 @@ def test_a_pinned_sha256_is_checked_before_anything_is_unpickled(tmp_path, found
     assert read_foundation(foundation_file, file_sha256(foundation_file).upper()).z_table == Z_TABLE
     with pytest.raises(ValueError, match="no foundation model file"):
         read_foundation(tmp_path / "absent.model")
+
+
+def test_zero_shot_model_is_the_foundation_alone(foundation_file, gfn1_frames):
+    """Before any label, the campaign explores with the foundation itself: same energies and forces
+    as the mace-torch model in the file (no electrostatic head, the state head at zero)."""
+    foundation = read_foundation(foundation_file)
+    ensemble = zero_shot(foundation, MODEL)
+    assert ensemble.spec.settings.electrostatics == "none" and ensemble.size == 1
+    original = torch.load(foundation_file, weights_only=False)  # the test's own file
+    frames = gfn1_frames[:4]
+    batch = build_batch(frames, Z_TABLE, 4.0, dtype=torch.float64)
+    expected = original(dict(batch), training=False, compute_force=True)
+    got = _predict(ensemble, frames)
+    assert torch.allclose(got["energy"], expected["energy"].detach(), atol=1e-9)
+    assert torch.allclose(got["forces"], expected["forces"].detach(), atol=1e-9)
+    assert float(got["force_std"].max()) == 0.0
