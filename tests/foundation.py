@@ -44,9 +44,10 @@ def pretraining_frames() -> list:
     return label(frames, "GFN2-xTB")
 
 
-def make_foundation(path: Path, frames: list, epochs: int = 40) -> Path:
+def make_foundation(path: Path, frames: list, epochs: int = 40, reduced_cg: bool = False) -> Path:
     """Train a mace-torch ScaleShiftMACE (2 layers, 8x0e+8x1o, float64) on ``frames`` for ``epochs``
-    epochs (about 10 s) and write it to ``path`` as mace-torch does."""
+    epochs (about 10 s) and write it to ``path`` as mace-torch does. ``reduced_cg``: the product
+    weights in mace's reduced layout, as mace-torch writes them where cuequivariance is installed."""
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # mace builds its layers in torch's default dtype
     try:
@@ -73,6 +74,7 @@ def make_foundation(path: Path, frames: list, epochs: int = 40) -> Path:
             gate=torch.nn.functional.silu,
             atomic_inter_scale=1.0,
             atomic_inter_shift=0.0,
+            use_reduced_cg=reduced_cg,  # False: the same weights whether cuequivariance is installed or not
         )
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
         rng = np.random.default_rng(0)

@@ -189,3 +189,20 @@ def test_zero_shot_model_is_the_foundation_alone(foundation_file, gfn1_frames):
     assert torch.allclose(got["energy"], expected["energy"].detach(), atol=1e-9)
     assert torch.allclose(got["forces"], expected["forces"].detach(), atol=1e-9)
     assert float(got["force_std"].max()) == 0.0
+
+
+def test_a_file_in_either_product_layout_is_read(tmp_path, foundation_pretraining):
+    """mace-torch writes the product blocks' weights in its reduced layout where cuequivariance is
+    installed, in the original one elsewhere: both read back to the same predictions."""
+    from ionflow.platform.model.foundation import cueq_installed
+    from tests.foundation import make_foundation
+
+    frames = foundation_pretraining[:3]
+    for reduced in (False, True):
+        path = make_foundation(tmp_path / f"{reduced}.model", frames, epochs=1, reduced_cg=reduced)
+        foundation = read_foundation(path)
+        assert foundation.config["use_reduced_cg"] == (reduced and cueq_installed())
+        original = torch.load(path, weights_only=False)
+        batch = build_batch(frames, Z_TABLE, 4.0, dtype=torch.float64)
+        expected = original(dict(batch), training=False, compute_force=False)["energy"].detach()
+        assert torch.allclose(_predict(zero_shot(foundation, MODEL), frames)["energy"], expected, atol=1e-9)
