@@ -17,6 +17,7 @@ from ionflow.flows.report import stage
 from ionflow.platform.device import pick_device
 from ionflow.platform.finetune import zero_shot
 from ionflow.platform.md import run_walkers
+from ionflow.platform.model.kernels import accelerate
 from ionflow.platform.structures import rattled, with_charge_state
 
 
@@ -74,7 +75,8 @@ def zero_shot_frames(ctx: Context) -> list[Atoms]:
         with_charge_state(a, cfg.system.charge, cfg.system.multiplicity)
         for a in rattled(system, walkers, cfg.explore.start_rattle_stdev, seed=walker_start_seed(cfg.seed, 0))
     ]
-    ensemble = zero_shot(ctx.foundation, cfg.model.settings()).to(pick_device())
+    device = pick_device()
+    ensemble = accelerate(zero_shot(ctx.foundation, cfg.model.settings()).to(device), device)
     with stage(f"bootstrap: zero-shot MD with the foundation, {walkers} walkers", steps) as update:
         runs = run_walkers(
             ensemble,

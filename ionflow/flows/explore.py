@@ -20,6 +20,7 @@ from ionflow.flows.history import run_name, tracked, walkers
 from ionflow.flows.report import stage
 from ionflow.platform.device import pick_device
 from ionflow.platform.md import run_walkers
+from ionflow.platform.model.kernels import accelerate
 from ionflow.platform.structures import charge_of, multiplicity_of, rattled, read_structures, write_extxyz
 
 
@@ -124,7 +125,8 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
         model = newest_model(session, campaign_id, before_index=index)
         if model is None:
             raise RuntimeError(f"iteration {index} has no model to explore with")
-        ensemble = ctx.load(model).to(pick_device())  # a GPU worker's GPU, if it has one
+        device = pick_device()  # a GPU worker's GPU, if it has one (with cuEquivariance kernels where installed)
+        ensemble = accelerate(ctx.load(model).to(device), device)
         level = growth_level(ctx, session, campaign_id, index)
         assigned = walker_conditions(ctx.config, level)
         starts = walker_starts(ctx, session, campaign_id, index, assigned)

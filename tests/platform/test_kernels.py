@@ -18,12 +18,14 @@ from ionflow.config import ModelConfig
 from ionflow.platform.model import Ensemble, ModelSpec, build_batch, build_ensemble
 from ionflow.platform.model.kernels import (
     MixedPrecisionBackbone,
+    accelerate,
     accelerate_member,
     backbone_dtype,
     cueq_available,
     cueq_kernels_available,
     is_cueq,
     members,
+    restore,
     restore_member,
     set_backbone_dtype,
     to_cueq,
@@ -214,12 +216,10 @@ def test_cuda_kernels_predict_what_e3nn_does():
     want = evaluate(model)
     device = torch.device("cuda")
     fast = copy.deepcopy(model).to(device)
-    for member in members(fast):
-        assert accelerate_member(member, device) is member
-        assert is_cueq(member.backbone)
+    assert accelerate(fast, device) is fast  # what explore and the zero-shot bootstrap run MD with
+    assert all(is_cueq(member.backbone) for member in members(fast))
     assert_close(evaluate(fast, "cuda"), want, atol=1e-7)
-    for member in members(fast):
-        restore_member(member)
+    restore(fast)
     assert fast.state_dict().keys() == model.state_dict().keys()
 
 

@@ -290,3 +290,19 @@ def restore_member(member: Member) -> Member:
 def members(model: torch.nn.Module) -> list[Member]:
     """The :class:`Member` objects in an ensemble (a committee's K, a shallow ensemble's one)."""
     return [module for module in model.modules() if isinstance(module, Member)]
+
+
+def accelerate(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """:func:`accelerate_member` for every member of an ensemble on ``device``, in place: on a CUDA
+    device with NVIDIA's kernels, cuEquivariance backbones; elsewhere the ensemble unchanged. For
+    runs that save nothing (MD); training calls :func:`restore` before its state dict is kept."""
+    for member in members(model):
+        accelerate_member(member, device)
+    return model
+
+
+def restore(model: torch.nn.Module) -> torch.nn.Module:
+    """:func:`restore_member` for every member: the e3nn layout model files hold, in place."""
+    for member in members(model):
+        restore_member(member)
+    return model
