@@ -390,6 +390,21 @@ class TrainingConfig(Strict):
         0.1, ge=0, le=1e3, description="Weight of the replay loss relative to the campaign's (dimensionless)."
     )
 
+    mixed_precision: bool = Field(
+        False,
+        description="Train a float64 model with its MACE backbone in float32 (tensor products, messages and "
+        "readouts), and run the campaign's MD the same way; the energy sum, E0, charges, Coulomb term and forces "
+        "stay float64, and the model file stays float64. On any device; the gain is largest on GPUs.",
+    )
+
+    parallel: Literal["auto", "data", "members"] = Field(
+        "auto",
+        description="Under torchrun with N processes (one per GPU): data splits every batch over the processes "
+        "and sums the gradients (any model); members gives each process whole batches and its own committee "
+        "members (member k on process k mod N; a committee of at least N members); auto: members for such a "
+        "committee, else data. Both give the model one process trains, to rounding.",
+    )
+
     #: Fields the campaign's train step reads, not the platform (absent from TrainingSettings).
     CAMPAIGN_ONLY: ClassVar[tuple[str, ...]] = ("from_scratch", "replay_file")
 
@@ -579,8 +594,9 @@ class SelectionConfig(Strict):
 
 
 class ExecutionConfig(Strict):
-    """Where the label step's calculations run. Not part of the science: changing it never
-    changes a result, so a campaign may resume under another execution setting."""
+    """Where the label step's calculations and the train step's processes run. Not part of the
+    science: changing it never changes a result (beyond rounding), so a campaign may resume under
+    another execution setting."""
 
     task_runner: Literal["local", "dask"] = Field(
         "local",
@@ -593,6 +609,20 @@ class ExecutionConfig(Strict):
         "None: a LocalCluster started for each label step.",
     )
     dask_workers: int = Field(2, ge=1, le=1024, description="Workers of the LocalCluster, and chunks per label step.")
+    train_processes: int | Literal["auto"] = Field(
+        "auto",
+        description="Processes of the train step, on the machine that runs it (the gpu pool's worker, with a gpu "
+        "pool): each on a GPU of its own where there are enough (gloo on the CPU otherwise), splitting each "
+        "batch or the committee's members as training.parallel says; the model is the one a single process trains, "
+        "to rounding. auto: one per visible CUDA GPU (one without a GPU, or with IONFLOW_DEVICE set).",
+    )
+
+    @field_validator("train_processes")
+    @classmethod
+    def _processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("train_processes is 'auto' or a number of processes from 1 to 64")
+        return value
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -783,6 +813,8 @@ _SETTINGS_ADDED_LATER = (
     ("training", "replay_weight"),
     ("bootstrap", "source"),
     ("bootstrap", "md_steps"),
+    ("training", "mixed_precision"),
+    ("training", "parallel"),
 )
 
 #: Sections whose every key is in :data:`_SETTINGS_ADDED_LATER`: left out whole at their defaults.

@@ -95,29 +95,38 @@ def train(
         TimeElapsedColumn,
     )
 
+    from ionflow.platform.distributed import init_from_env, shutdown
     from ionflow.platform.model import save_model
     from ionflow.platform.training import fit_dataset
 
+    # under torchrun (WORLD_SIZE > 1): join the other ranks, each trains on its shard of every batch;
+    # alone: nothing to join. Rank 0 alone prints and writes the model (every rank ends with the same).
+    main = init_from_env().rank == 0
     out = Console(highlight=False)
     labelled = any("REF_dipole" in a.info or "REF_charges" in a.arrays for a in frames)
-    if labelled and model_cfg.electrostatics == "none":
+    if main and labelled and model_cfg.electrostatics == "none":
         err.print("note: the data has REF_dipole/REF_charges labels; a model with --electrostatics fits them")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(
-            f"training {model_cfg.ensemble_size} {'heads' if model_cfg.uncertainty == 'shallow' else 'members'} "
-            f"({model_cfg.electrostatics}) on {len(frames)} frames",
-            total=training_cfg.epochs,
-        )
-        ensemble, report, metrics = fit_dataset(
-            frames,
-            model_cfg.settings(),
-            training_cfg.settings(),
-            seed=seed,
-            progress=lambda done, total: bar.update(task, completed=done),
-            foundation=start,
-            replay=replayed,
-        )
+    try:
+        with Progress(*columns, console=err, transient=True, disable=not main) as bar:
+            task = bar.add_task(
+                f"training {model_cfg.ensemble_size} {'heads' if model_cfg.uncertainty == 'shallow' else 'members'} "
+                f"({model_cfg.electrostatics}) on {len(frames)} frames",
+                total=training_cfg.epochs,
+            )
+            ensemble, report, metrics = fit_dataset(
+                frames,
+                model_cfg.settings(),
+                training_cfg.settings(),
+                seed=seed,
+                progress=lambda done, total: bar.update(task, completed=done),
+                foundation=start,
+                replay=replayed,
+            )
+    finally:
+        shutdown()
+    if not main:
+        return
     from ionflow.db import sha256_file, utcnow
 
     provenance = {

@@ -76,7 +76,9 @@ def zero_shot_frames(ctx: Context) -> list[Atoms]:
         for a in rattled(system, walkers, cfg.explore.start_rattle_stdev, seed=walker_start_seed(cfg.seed, 0))
     ]
     device = pick_device()
-    ensemble = accelerate(zero_shot(ctx.foundation, cfg.model.settings()).to(device), device)
+    ensemble = accelerate(
+        zero_shot(ctx.foundation, cfg.model.settings()).to(device), device, cfg.training.mixed_precision
+    )
     with stage(f"bootstrap: zero-shot MD with the foundation, {walkers} walkers", steps) as update:
         runs = run_walkers(
             ensemble,

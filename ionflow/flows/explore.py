@@ -126,7 +126,7 @@ def explore_task(config_path: str, campaign_id: int, index: int) -> dict[str, An
         if model is None:
             raise RuntimeError(f"iteration {index} has no model to explore with")
         device = pick_device()  # a GPU worker's GPU, if it has one (with cuEquivariance kernels where installed)
-        ensemble = accelerate(ctx.load(model).to(device), device)
+        ensemble = accelerate(ctx.load(model).to(device), device, ctx.config.training.mixed_precision)
         level = growth_level(ctx, session, campaign_id, index)
         assigned = walker_conditions(ctx.config, level)
         starts = walker_starts(ctx, session, campaign_id, index, assigned)

@@ -17,7 +17,7 @@ from ionflow.platform.dataset import validation_flags
 from ionflow.platform.evaluation import evaluate
 from ionflow.platform.model import save_model
 from ionflow.platform.structures import write_extxyz
-from ionflow.platform.training import train_ensemble
+from ionflow.platform.training import train_in_processes, training_processes
 
 
 @task(name="train", task_run_name=run_name("train"))
@@ -46,7 +46,8 @@ def train_task(config_path: str, campaign_id: int, index: int) -> int:
         epochs = training.finetune_epochs if refine else training.epochs
         kind = "heads" if cfg.model.uncertainty == "shallow" else "members"
         with stage(f"train: {cfg.model.ensemble_size} {kind}, {len(train)}+{len(valid)} labels", epochs) as update:
-            ensemble, report = train_ensemble(
+            ensemble, report = train_in_processes(
+                training_processes(cfg.execution.train_processes),
                 train,
                 valid,
                 cfg.model.settings(),

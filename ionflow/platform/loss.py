@@ -22,6 +22,12 @@ under the heads' mean and variance, per atom for energies and per component for 
 with the mean held fixed in the NLL (sg: stop-gradient) so that accuracy comes from the squared
 error and the NLL shapes only the spread; w_nll is dimensionless, and the energy and force NLLs
 are weighted by w_E and w_F as their squared errors are.
+
+Every mean above divides by a count of the batch: structures (energy), atoms x 3 (forces),
+labelled atoms (charges), labelled structures (dipole). In data-parallel training
+(:mod:`ionflow.platform.distributed`) each rank evaluates a shard of a batch with the whole
+batch's counts (:class:`LossCounts`), so that the shards' losses, and their gradients, sum to
+the loss of the whole batch.
 """
 
 from __future__ import annotations
@@ -58,9 +64,40 @@ def loss_weights(training: TrainingSettings, model: ModelSettings) -> LossWeight
     )
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the last axis of the entries where ``mask`` is true ([K, m] -> [K]); 0 when none is."""
+@dataclass(frozen=True)
+class LossCounts:
+    """The counts a batch's loss terms divide by. Given for a shard of a batch, they are the whole
+    batch's, so that the shards' losses sum to the batch's (data-parallel training)."""
+
+    structures: int  # g: the energy term and the energy NLL are means over structures
+    atoms: int  # n: the force term and the force NLL are means over 3n components
+    charge_atoms: int  # atoms with a reference charge
+    dipole_structures: int  # structures with a reference dipole (non-periodic ones)
+
+
+def batch_counts(batch: dict[str, torch.Tensor]) -> LossCounts:
+    """A batch's own counts: what :func:`batch_loss` divides by when given none."""
+    return LossCounts(
+        structures=int(batch["n_atoms"].numel()),
+        atoms=int(batch["ref_forces"].shape[0]),
+        charge_atoms=int(batch["charges_mask"].sum()),
+        dipole_structures=int(batch["dipole_mask"].sum()),
+    )
+
+
+def _mean(values: torch.Tensor, dims: int | tuple[int, ...] | None, count: float | None) -> torch.Tensor:
+    """``values.mean(dims)`` (all axes for None), or the sum over them divided by ``count`` when given."""
+    if count is None:
+        return values.mean() if dims is None else values.mean(dims)
+    return (values.sum() if dims is None else values.sum(dims)) / count
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, count: float | None = None) -> torch.Tensor:
+    """Mean over the last axis of the entries where ``mask`` is true ([K, m] -> [K]); 0 when none is.
+    With ``count``, the masked sum divided by it (at least 1) instead of by the mask's count."""
     mask = mask.to(values.dtype)
+    if count is not None:
+        return (values * mask).sum(-1) / max(float(count), 1.0)
     return (values * mask).sum(-1) / mask.sum().clamp(min=1.0)
 
 
@@ -71,43 +108,54 @@ ENERGY_VARIANCE_FLOOR = 1e-8
 FORCES_VARIANCE_FLOOR = 1e-6
 
 
-def gaussian_nll(pred: torch.Tensor, ref: torch.Tensor, floor: float) -> torch.Tensor:
-    """Mean ½[(y − sg(μ))²/σ² + log σ²] with μ, σ² the mean and variance over the leading (heads) axis."""
+def gaussian_nll(pred: torch.Tensor, ref: torch.Tensor, floor: float, count: float | None = None) -> torch.Tensor:
+    """Mean ½[(y − sg(μ))²/σ² + log σ²] with μ, σ² the mean and variance over the leading (heads) axis;
+    with ``count``, the sum over the entries divided by it."""
     mean = pred.mean(0).detach()
     variance = pred.var(0) + floor
-    return 0.5 * (((ref - mean) ** 2) / variance + variance.log()).mean()
+    return 0.5 * _mean(((ref - mean) ** 2) / variance + variance.log(), None, count)
 
 
 def batch_loss(
-    ensemble: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights, training: bool
+    ensemble: Ensemble,
+    batch: dict[str, torch.Tensor],
+    weights: LossWeights,
+    training: bool,
+    counts: LossCounts | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The squared-error loss of a batch from :func:`~ionflow.platform.dataset.label_batches` and,
-    for a shallow ensemble with ``weights.nll > 0``, its weighted NLL (else None)."""
+    for a shallow ensemble with ``weights.nll > 0``, its weighted NLL (else None). The means divide
+    by ``counts`` when given (a shard of a larger batch), else by the batch's own."""
     out = ensemble(batch, training=training)
     nll = None
+    n_e = None if counts is None else counts.structures
+    n_f = None if counts is None else 3 * counts.atoms
     energy = out["energy"] / batch["n_atoms"]  # [K, g] eV/atom
     if ensemble.spec.settings.shallow:
         de = energy.mean(0, keepdim=True) - batch["ref_energy"] / batch["n_atoms"]  # [1, g]
         df = out["forces"].mean(0, keepdim=True) - batch["ref_forces"]  # [1, n, 3]
-        loss = weights.energy * (de**2).mean() + weights.forces * (df**2).mean()
+        loss = weights.energy * _mean(de**2, None, n_e) + weights.forces * _mean(df**2, None, n_f)
         if weights.nll > 0:
-            nll = weights.energy * gaussian_nll(energy, batch["ref_energy"] / batch["n_atoms"], ENERGY_VARIANCE_FLOOR)
+            ref = batch["ref_energy"] / batch["n_atoms"]  # [g] eV/atom
+            nll = weights.energy * gaussian_nll(energy, ref, ENERGY_VARIANCE_FLOOR, n_e)
             nll = weights.nll * (
-                nll + weights.forces * gaussian_nll(out["forces"], batch["ref_forces"], FORCES_VARIANCE_FLOOR)
+                nll + weights.forces * gaussian_nll(out["forces"], batch["ref_forces"], FORCES_VARIANCE_FLOOR, n_f)
             )
     else:
         de = energy - batch["ref_energy"] / batch["n_atoms"]  # [K, g] eV/atom
         df = out["forces"] - batch["ref_forces"]  # [K, n, 3] eV/Å
-        loss = weights.energy * (de**2).mean(-1).sum() + weights.forces * (df**2).mean((-2, -1)).sum()
+        loss = weights.energy * _mean(de**2, -1, n_e).sum() + weights.forces * _mean(df**2, (-2, -1), n_f).sum()
     if weights.charges > 0 and bool(batch["charges_mask"].any()):
         dq = out["charges"] - batch["ref_charges"]  # [K, n] e
-        loss = loss + weights.charges * _masked_mean(dq**2, batch["charges_mask"]).sum()
+        n_q = None if counts is None else counts.charge_atoms
+        loss = loss + weights.charges * _masked_mean(dq**2, batch["charges_mask"], n_q).sum()
     if weights.dipole > 0 and bool(batch["dipole_mask"].any()):
         dmu = out["dipole"] - batch["ref_dipole"]  # [K, g, 3] e·Å, both about the centre of mass
         # per Cartesian component, like the forces; not divided by the atom count: a molecule has
         # one dipole but many force components, so a per-atom dipole term would vanish
         per_structure = (dmu**2).mean(-1)  # [K, g] (e·Å)^2
-        loss = loss + weights.dipole * _masked_mean(per_structure, batch["dipole_mask"]).sum()
+        n_mu = None if counts is None else counts.dipole_structures
+        loss = loss + weights.dipole * _masked_mean(per_structure, batch["dipole_mask"], n_mu).sum()
     return loss, nll
 
 
@@ -116,11 +164,13 @@ def head_parameters(ensemble: Ensemble) -> list[torch.nn.Parameter]:
     return list(ensemble.member.state.parameters())
 
 
-def backward(ensemble: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights) -> float:
-    """Accumulate the gradients of one batch's loss; return the loss. The NLL reaches only the
-    heads' own layer: left to reach the shared backbone, it buys spread by degrading the mean (the
-    squared error alone sets the mean)."""
-    loss, nll = batch_loss(ensemble, batch, weights, training=True)
+def backward(
+    ensemble: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights, counts: LossCounts | None = None
+) -> float:
+    """Accumulate the gradients of one batch's loss (means over ``counts`` when given, see
+    :func:`batch_loss`); return the loss. The NLL reaches only the heads' own layer: left to reach
+    the shared backbone, it buys spread by degrading the mean (the squared error alone sets the mean)."""
+    loss, nll = batch_loss(ensemble, batch, weights, training=True, counts=counts)
     if nll is None:
         loss.backward()
         return float(loss.detach())
@@ -131,7 +181,10 @@ def backward(ensemble: Ensemble, batch: dict[str, torch.Tensor], weights: LossWe
     return float((loss + nll).detach())
 
 
-def validation_loss(ensemble: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights) -> float:
-    """The loss of one batch in evaluation mode, NLL included: what picks the best epoch."""
-    loss, nll = batch_loss(ensemble, batch, weights, training=False)
+def validation_loss(
+    ensemble: Ensemble, batch: dict[str, torch.Tensor], weights: LossWeights, counts: LossCounts | None = None
+) -> float:
+    """The loss of one batch in evaluation mode, NLL included: what picks the best epoch (means
+    over ``counts`` when given, see :func:`batch_loss`)."""
+    loss, nll = batch_loss(ensemble, batch, weights, training=False, counts=counts)
     return float(loss.detach()) + (0.0 if nll is None else float(nll.detach()))

@@ -65,3 +65,5 @@ class TrainingSettings:
     foundation_lr_factor: float  # foundation backbones: their learning rate = the heads' x this
     replay_frames: int  # foundation replay frames drawn per epoch
     replay_weight: float  # weight of the replay loss, dimensionless
+    mixed_precision: bool  # a float64 model's backbone computes in float32 while training (and in MD)
+    parallel: str  # over N ranks: "data" (shards of each batch), "members" (a committee's), "auto"

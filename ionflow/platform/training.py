@@ -12,16 +12,33 @@ calibrated on the validation frames (:func:`ionflow.platform.evaluation.calibrat
 A model is refined from its parent when the parent's elements cover the data: from the parent's
 weights, for ``finetune_epochs`` at ``learning_rate x finetune_lr_factor``; otherwise a fresh one
 starts with E0 (eV) and a force scale (eV/Å) fitted to the training frames.
+
+Data-parallel training (``torchrun --nproc-per-node N``, :mod:`ionflow.platform.distributed`):
+when the process group holds N > 1 ranks, every rank gets the same frames and seed, builds the same
+batches in the same order, and evaluates its shard of each (a contiguous slice balanced by atoms).
+The shard's loss divides by the whole batch's counts (structures, atoms, labelled charges and
+dipoles; :class:`~ionflow.platform.loss.LossCounts`), so the gradients summed over the ranks are
+those of the whole batch, and every rank takes the same Adam step: the result is the model one
+process would train with the same batches, to rounding. A rank whose shard is empty (a batch of
+fewer frames than ranks) contributes zero. The validation loss is sharded and summed the same way,
+so every rank keeps the same best epoch; a foundation replay batch is evaluated whole by rank 0
+(its gradient enters the sum once); the calibration is fitted on rank 0 and broadcast, and every
+rank returns the same ensemble. Only rank 0 reports progress.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,16 +50,35 @@ from ionflow.platform.dataset import (
     dataset_problem,
     fit_atomic_energies,
     label_batches,
+    reference_charges,
+    reference_dipole,
     reference_forces,
     split,
 )
-from ionflow.platform.device import pick_device
+from ionflow.platform.device import DEVICE_VARIABLE
+from ionflow.platform.distributed import (
+    ALONE,
+    MAIN_RANK,
+    World,
+    all_reduce_gradients,
+    broadcast_module,
+    broadcast_object,
+    check_same_on_all_ranks,
+    free_port,
+    init_from_env,
+    shard,
+    shutdown,
+    sum_over_ranks,
+    world,
+)
 from ionflow.platform.evaluation import calibrate, evaluate
 from ionflow.platform.finetune import from_foundation, parameter_groups, replay_backward, replay_batches
-from ionflow.platform.loss import backward, loss_weights, validation_loss
+from ionflow.platform.loss import LossCounts, backward, loss_weights, validation_loss
 from ionflow.platform.model.ensemble import Ensemble, ModelSpec, build_ensemble
+from ionflow.platform.model.files import load_model, save_model
 from ionflow.platform.model.foundation import Foundation
 from ionflow.platform.model.graph import build_batch
+from ionflow.platform.model.kernels import accelerate, restore
 from ionflow.platform.settings import ModelSettings, TrainingSettings
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -108,6 +144,67 @@ def _cosine_decay(epochs: int) -> Callable[[int], float]:
     return lambda e: LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
 
 
+def _batches_of(n_frames: int, batch_size: int) -> list[list[int]]:
+    """Frame indexes ``0 .. n_frames-1`` in order, ``batch_size`` a batch."""
+    return [list(range(start, min(start + batch_size, n_frames))) for start in range(0, n_frames, batch_size)]
+
+
+_Shard = tuple[dict[str, torch.Tensor] | None, LossCounts | None]
+
+
+def _shards(
+    frames: Sequence[Atoms], groups: Sequence[Sequence[int]], spec: ModelSpec, device: torch.device, w: World
+) -> list[_Shard]:
+    """This rank's part of each batch of ``frames`` (``groups``: frame indexes per batch) with the
+    whole batch's loss counts; alone, the whole batches with None (their own counts). A shard
+    without frames is None."""
+    if w.size == 1:
+        return [(batch, None) for batch in label_batches(frames, spec, 0, device, groups)]
+    sizes = [len(a) for a in frames]
+    charge_atoms = [0 if reference_charges(a) is None else len(a) for a in frames]
+    dipoles = [int(reference_dipole(a) is not None) for a in frames]
+    mine = [shard(group, sizes, w.rank, w.size) for group in groups]
+    built = iter(label_batches(frames, spec, 0, device, [m for m in mine if m]))
+    out: list[_Shard] = []
+    for group, part in zip(groups, mine):
+        counts = LossCounts(
+            structures=len(group),
+            atoms=sum(sizes[i] for i in group),
+            charge_atoms=sum(charge_atoms[i] for i in group),
+            dipole_structures=sum(dipoles[i] for i in group),
+        )
+        out.append((next(built) if part else None, counts))
+    return out
+
+
+def member_parallel(spec: ModelSpec, parallel: str, w: World) -> bool:
+    """Whether the ranks of ``w`` split the committee's members (each trains its own on every
+    batch, nothing summed per step) rather than each batch (data-parallel): ``training.parallel``
+    ``members``, or ``auto`` with a committee of at least as many members as ranks. Raises
+    ``ValueError`` when ``members`` cannot apply."""
+    if w.size == 1:
+        return False
+    k = int(spec.settings.ensemble_size)
+    if parallel == "members":
+        if spec.settings.shallow:
+            raise ValueError("training.parallel 'members' needs a committee: a shallow ensemble has one backbone")
+        if k < w.size:
+            raise ValueError(f"training.parallel 'members': {k} members cannot keep {w.size} ranks busy")
+        return True
+    return parallel == "auto" and not spec.settings.shallow and k >= w.size
+
+
+def _own_members(ensemble: Ensemble, w: World) -> Ensemble:
+    """A committee of the members rank ``w.rank`` trains (k = rank, rank + size, ...): the same
+    modules, so training it trains them in ``ensemble``."""
+    own = copy.copy(ensemble)
+    own._modules = dict(ensemble._modules)
+    own._modules["members"] = torch.nn.ModuleList(
+        member for k, member in enumerate(ensemble.members) if k % w.size == w.rank
+    )
+    return own
+
+
 def train_ensemble(
     train: Sequence[Atoms],
     valid: Sequence[Atoms],
@@ -139,6 +236,11 @@ def train_ensemble(
     parent) trains its backbone at ``foundation_lr_factor`` times the heads' rate with its first
     ``frozen_layers`` layers frozen, and replays ``training.replay_frames`` of the ``replay``
     frames (the foundation's level of theory) each epoch.
+
+    In a process group of N > 1 ranks (:func:`~ionflow.platform.distributed.init_from_env`) every
+    rank must call this with the same arguments; each trains on its shard of every batch, on its
+    own device (``device`` default: the rank's, :class:`~ionflow.platform.distributed.World`), and
+    all return the same ensemble and report (module docstring).
     """
     if not train:
         raise ValueError("no training frames")
@@ -163,9 +265,21 @@ def train_ensemble(
         problem = dataset_problem(replay) or foundation_problem(ensemble.spec, replay)
         if problem:
             raise ValueError(f"replay frames: {problem}")
-    device = torch.device(device) if device is not None else pick_device()
+    w = world()
+    check_same_on_all_ranks(
+        "the training data and seed", (len(train), len(valid), sum(len(a) for a in train), len(replay), seed)
+    )
+    device = torch.device(device) if device is not None else w.device
     ensemble = ensemble.to(device)
+    broadcast_module(ensemble)  # the ranks start identical whatever built their weights
+    # cuEquivariance kernels on a CUDA device that has them, a float32 backbone when asked: both
+    # change the backbone's modules (so before the optimiser sees its parameters), restored below
+    accelerate(ensemble, device, training.mixed_precision)
     spec = ensemble.spec
+    split_members = member_parallel(spec, training.parallel, w)
+    # what this rank trains, and on which part of each batch: its own members on whole batches, or
+    # every member on its shard of each batch
+    own, data_world = (_own_members(ensemble, w), ALONE) if split_members else (ensemble, w)
     active = loss_weights(training, spec.settings)
     # the NLL joins once the mean has left its random start; the best weights are chosen after that
     nll_start = 0 if from_parent or not spec.settings.shallow else epochs // NLL_START_DIVISOR
@@ -178,11 +292,13 @@ def train_ensemble(
         valid_groups = pack_by_atoms([len(a) for a in valid], training.batch_atoms)
     else:
         fixed = len(train) <= batch_size
-        valid_groups = None
-    train_batches_fixed = label_batches(train, spec, batch_size, device) if fixed else None
-    valid_batches = label_batches(valid, spec, batch_size, device, valid_groups) if valid else []
+        valid_groups = _batches_of(len(valid), batch_size)
+    train_batches_fixed = (
+        _shards(train, _batches_of(len(train), batch_size), spec, device, data_world) if fixed else None
+    )
+    valid_batches = _shards(valid, valid_groups, spec, device, data_world) if valid else []
 
-    optimiser = torch.optim.Adam(parameter_groups(ensemble, training, learning_rate), lr=learning_rate, amsgrad=True)
+    optimiser = torch.optim.Adam(parameter_groups(own, training, learning_rate), lr=learning_rate, amsgrad=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _cosine_decay(epochs))
     best = (math.inf, -1, copy.deepcopy(ensemble.state_dict()))
     train_loss = math.nan
@@ -194,33 +310,47 @@ def train_ensemble(
         if train_batches_fixed is not None:
             batches = train_batches_fixed
         elif training.batch_atoms is not None:
-            batches = label_batches(train, spec, batch_size, device, pack_by_atoms(sizes, training.batch_atoms, rng))
+            batches = _shards(train, pack_by_atoms(sizes, training.batch_atoms, rng), spec, device, data_world)
         else:
-            order = rng.permutation(len(train))
-            batches = label_batches([train[i] for i in order], spec, batch_size, device)
+            order = rng.permutation(len(train)).tolist()
+            groups = [[order[i] for i in group] for group in _batches_of(len(train), batch_size)]
+            batches = _shards(train, groups, spec, device, data_world)
         replayed = replay_batches(replay, spec, training.replay_frames, len(batches), rng, device)
         total = 0.0
-        for step, batch in enumerate(batches):
+        for step, (batch, counts) in enumerate(batches):
             optimiser.zero_grad(set_to_none=True)
-            total += backward(ensemble, batch, weights)
-            if step < len(replayed) and training.replay_weight > 0:
-                replay_backward(ensemble, replayed[step], weights, training.replay_weight)
+            if batch is not None:  # an empty shard adds nothing but joins the sum of the gradients
+                total += backward(own, batch, weights, counts)
+            if step < len(replayed) and training.replay_weight > 0 and (split_members or w.rank == MAIN_RANK):
+                replay_backward(own, replayed[step], weights, training.replay_weight)  # whole, once per member
+            if not split_members:  # members share nothing: their gradients stay on their rank
+                all_reduce_gradients(ensemble.parameters())
             optimiser.step()
         scheduler.step()
+        (total,) = sum_over_ranks(total)
         train_loss = total / len(batches)
         ensemble.eval()
         if valid_batches:
-            valid_loss = sum(validation_loss(ensemble, b, weights) for b in valid_batches) / len(valid_batches)
+            shards = sum(validation_loss(own, b, weights, counts) for b, counts in valid_batches if b is not None)
+            (valid_loss,) = sum_over_ranks(shards)
+            valid_loss /= len(valid_batches)
         else:
             valid_loss = train_loss
         if valid_loss < best[0]:
             best = (valid_loss, epoch, copy.deepcopy(ensemble.state_dict()))
-        if progress:
+        if progress and w.rank == MAIN_RANK:
             progress(epoch + 1, epochs)
     ensemble.load_state_dict(best[2])
     ensemble.eval()
+    if split_members:  # member k from the rank that trained it, to every rank
+        for k, member in enumerate(ensemble.members):
+            broadcast_module(member, src=k % w.size)
+    else:
+        broadcast_module(ensemble)  # identical on every rank already; this makes sure of it
     if valid:
-        ensemble.spec.calibration = calibrate(ensemble, valid)
+        calibration = calibrate(ensemble, valid) if w.rank == MAIN_RANK else None
+        ensemble.spec.calibration = broadcast_object(calibration)
+    restore(ensemble)  # the e3nn backbone in the model's dtype: the layout model files hold
     ensemble = ensemble.to("cpu")  # files and callers get CPU tensors; they move it where they run
     report = TrainReport(
         epochs=epochs,
@@ -231,6 +361,51 @@ def train_ensemble(
         from_parent=from_parent,
     )
     return ensemble, report
+
+
+def training_processes(setting: int | str) -> int:
+    """How many processes a train step runs: ``setting``, or for ``auto`` one per visible CUDA GPU
+    (one with no GPU, or when ``IONFLOW_DEVICE`` names the device)."""
+    if setting != "auto":
+        return int(setting)
+    if os.environ.get(DEVICE_VARIABLE) or not torch.cuda.is_available():
+        return 1
+    return max(1, torch.cuda.device_count())
+
+
+def train_in_processes(processes: int, *args: Any, **kwargs: Any) -> tuple[Ensemble, TrainReport]:
+    """:func:`train_ensemble` (same arguments, ``progress`` told only at the end) in ``processes``
+    processes of this machine joined by :mod:`torch.distributed` (rank r on GPU r where there are
+    enough, gloo on the CPU otherwise; 127.0.0.1), as ``torchrun`` would start them; one process:
+    :func:`train_ensemble` itself. Returns what rank 0 trained (every rank trains the same)."""
+    progress = kwargs.pop("progress", None)
+    if processes <= 1:
+        return train_ensemble(*args, progress=progress, **kwargs)
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="ionflow-train-") as folder:
+        mp.spawn(_train_rank, args=(processes, free_port(), folder, args, kwargs), nprocs=processes, join=True)
+        ensemble = load_model(Path(folder) / "model.pt")
+        report = TrainReport(**json.loads((Path(folder) / "report.json").read_text()))
+    if progress:
+        progress(report.epochs, report.epochs)
+    return ensemble, report
+
+
+def _train_rank(rank: int, size: int, port: int, folder: str, args: tuple, kwargs: dict) -> None:
+    """One process of :func:`train_in_processes`: join the group, train, rank 0 writes the result."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(max(1, torch.get_num_threads() // size))  # the processes share this machine's cores
+    init_from_env()
+    try:
+        ensemble, report = train_ensemble(*args, **kwargs)
+        if rank == MAIN_RANK:
+            save_model(ensemble, Path(folder) / "model.pt")
+            (Path(folder) / "report.json").write_text(json.dumps(dataclasses.asdict(report)))
+    finally:
+        shutdown()
 
 
 def fit_dataset(

@@ -136,7 +136,9 @@ def aiida_localhost(tmp_path_factory):
             "--work-dir",
             str(work),
         )
-        verdi("computer", "configure", "core.local", "localhost", "-n", "--safe-interval", "0")
+        # no login shell: a login shell runs the machine's profile (pyenv's rehash, which takes a lock
+        # file); the daemon killed mid-command by a test would leave that lock for every later shell
+        verdi("computer", "configure", "core.local", "localhost", "-n", "--safe-interval", "0", "--no-use-login-shell")
         ionflow_code("localhost")
         from aiida import load_profile, orm
         from aiida.manage.configuration import reset_config

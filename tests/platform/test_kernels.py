@@ -246,3 +246,27 @@ def test_accelerate_member_on_cuda_without_kernels_is_a_no_op():
     member = ensemble().first_member.to("cuda")
     backbone = member.backbone
     assert accelerate_member(member, "cuda").backbone is backbone
+
+
+def test_training_with_a_float32_backbone_writes_a_float64_e3nn_model(h3o_labelled, tiny_hyper):
+    """training.mixed_precision: the backbone trains in float32 (its weights then differ from a
+    float64 run's by float32 rounding, not more), the heads, energy sum and Coulomb in float64; the
+    model comes back as the e3nn float64 model a file holds."""
+    from ionflow.config import TrainingConfig
+    from ionflow.platform.settings import ModelSettings
+    from ionflow.platform.training import train_ensemble
+
+    train, valid = h3o_labelled[:8], h3o_labelled[8:10]
+    runs = {}
+    for mixed in (False, True):
+        training = TrainingConfig(epochs=3, learning_rate=1e-2, batch_size=8, mixed_precision=mixed).settings()
+        runs[mixed], _ = train_ensemble(train, valid, ModelSettings(**tiny_hyper), training, seed=3, device="cpu")
+    double, mixed = runs[False].state_dict(), runs[True].state_dict()
+    assert double.keys() == mixed.keys()
+    assert all(v.dtype == double[k].dtype for k, v in mixed.items())
+    assert not any(is_cueq(m.backbone) or isinstance(m.backbone, MixedPrecisionBackbone) for m in members(runs[True]))
+    differences = [float((mixed[k] - v).abs().max()) for k, v in double.items() if v.is_floating_point() and v.numel()]
+    assert 0 < max(differences) < 1e-3, max(differences)
+    batch = build_batch(h3o_labelled[10:14], runs[True].z_table, runs[True].r_max, dtype=torch.float64)
+    got, want = runs[True].predict(dict(batch)), runs[False].predict(dict(batch))
+    assert_close(got, want, atol=1e-3, keys=("energy", "forces"))

@@ -292,11 +292,14 @@ def members(model: torch.nn.Module) -> list[Member]:
     return [module for module in model.modules() if isinstance(module, Member)]
 
 
-def accelerate(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+def accelerate(model: torch.nn.Module, device: torch.device | str, mixed_precision: bool = False) -> torch.nn.Module:
     """:func:`accelerate_member` for every member of an ensemble on ``device``, in place: on a CUDA
-    device with NVIDIA's kernels, cuEquivariance backbones; elsewhere the ensemble unchanged. For
-    runs that save nothing (MD); training calls :func:`restore` before its state dict is kept."""
+    device with NVIDIA's kernels, cuEquivariance backbones; elsewhere unchanged. With
+    ``mixed_precision`` a float64 member's backbone computes in float32 (:func:`set_backbone_dtype`;
+    on any device). :func:`restore` undoes both before a state dict is saved."""
     for member in members(model):
+        if mixed_precision and backbone_dtype(member) == torch.float64:
+            set_backbone_dtype(member, torch.float32)
         accelerate_member(member, device)
     return model
 
