@@ -126,14 +126,15 @@ def batch_loss(
     """The squared-error loss of a batch from :func:`~ionflow.platform.dataset.label_batches` and,
     for a shallow ensemble with ``weights.nll > 0``, its weighted NLL (else None). The means divide
     by ``counts`` when given (a shard of a larger batch), else by the batch's own."""
-    out = ensemble(batch, training=training)
+    out = ensemble(batch, training=training, head_forces=weights.nll > 0)  # the squared error needs only the mean
     nll = None
     n_e = None if counts is None else counts.structures
     n_f = None if counts is None else 3 * counts.atoms
     energy = out["energy"] / batch["n_atoms"]  # [K, g] eV/atom
     if ensemble.spec.settings.shallow:
         de = energy.mean(0, keepdim=True) - batch["ref_energy"] / batch["n_atoms"]  # [1, g]
-        df = out["forces"].mean(0, keepdim=True) - batch["ref_forces"]  # [1, n, 3]
+        # the heads' mean force: −∂Ē/∂r, whose gradient does not run through the heads' own graphs
+        df = out["forces_mean"] - batch["ref_forces"]  # [1, n, 3]
         loss = weights.energy * _mean(de**2, None, n_e) + weights.forces * _mean(df**2, None, n_f)
         if weights.nll > 0:
             ref = batch["ref_energy"] / batch["n_atoms"]  # [g] eV/atom

@@ -12,6 +12,7 @@ from ase.build import molecule
 from ionflow.config import ModelConfig
 from ionflow.platform.model import Ensemble, ModelSpec, build_batch, build_ensemble
 from ionflow.platform.model.electrostatics import COULOMB_CONSTANT
+from ionflow.platform.model.network import _HeadForces, _helmert
 
 MODES = ["none", "latent", "equilibrated", "polarisable", "qeq"]
 
@@ -165,3 +166,85 @@ def test_uniform_field_adds_minus_dipole_dot_field():
     in_field = c.forward({**build_batch([atoms], c.z_table, c.r_max), "field": field})
     expected = plain["energy"] - (plain["dipole"] * field).sum(-1)
     assert torch.allclose(in_field["energy"], expected.detach(), atol=1e-10)
+
+
+@pytest.mark.parametrize("stress", [False, True])
+@pytest.mark.parametrize("mode", ["none", "equilibrated", "qeq"])
+def test_mean_only_forces_are_the_mean_of_the_heads_forces(mode, stress):
+    # head_forces=False: one backward pass of the mean energy instead of one per head
+    c = ensemble(mode, r_max=3.5, uncertainty="shallow")
+    rng = np.random.default_rng(3)
+    periodic = Atoms("NaClNaCl", positions=rng.random((4, 3)) * 4.5, cell=np.diag([5.0, 5.5, 6.0]) + 0.3, pbc=True)
+    periodic.info.update(charge=0, multiplicity=1)
+    batch = build_batch([water_cation(), hydroxide(), periodic], c.z_table, c.r_max)
+    every = c.member(batch, compute_stress=stress)
+    mean = c.member(batch, compute_stress=stress, head_forces=False)
+    assert every["forces_heads"].shape == (3, 9, 3) and mean["forces_heads"].shape == (1, 9, 3)
+    assert np.abs((every["forces_heads"] - every["forces"]).detach().numpy()).max() > 1e-3, "the heads agree"
+    assert torch.allclose(mean["forces_heads"][0], every["forces_heads"].mean(0), rtol=1e-12, atol=1e-12)
+    for key in ("energy", "forces", "energy_heads", "charges", "dipole") + (("stress",) if stress else ()):
+        assert torch.allclose(mean[key], every[key], rtol=1e-12, atol=1e-12), key
+
+
+def test_mean_only_forces_are_minus_the_finite_difference_gradient_of_the_mean_energy():
+    c = ensemble("equilibrated", uncertainty="shallow")
+    atoms = water_cation()
+    forces = c.member(build_batch([atoms], c.z_table, c.r_max), head_forces=False)["forces_heads"][0].detach()
+    h = 1e-5
+    for atom, axis in [(0, 0), (1, 2), (2, 1)]:
+        e = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions[atom, axis] += sign * h
+            e.append(float(energy_and_forces(c, [moved])["energy"][:, 0].mean()))
+        assert abs(float(forces[atom, axis]) + (e[0] - e[1]) / (2 * h)) < 1e-6, (atom, axis)
+
+
+def _parameter_gradients(c: Ensemble, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in c.parameters() if p.requires_grad]
+    return [
+        torch.zeros_like(p) if g is None else g
+        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))
+    ]
+
+
+@pytest.mark.parametrize("mode", ["none", "equilibrated"])
+def test_training_gradients_through_mean_only_and_per_head_forces(mode):
+    # the squared error of the mean forces has the same parameter gradients whether the heads'
+    # forces are computed (and their contrasts skipped in the backward pass) or only their mean;
+    # a loss of the heads' spread gets the gradients of the heads' own autograd forces
+    c = ensemble(mode, uncertainty="shallow")
+    batch = build_batch([water_cation(), hydroxide()], c.z_table, c.r_max)
+    ref = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    every = c.member(batch, training=True)["forces_heads"]
+    mean = c.member(batch, training=True, head_forces=False)["forces_heads"]
+    for a, b in zip(
+        _parameter_gradients(c, ((every.mean(0) - ref) ** 2).mean()),
+        _parameter_gradients(c, ((mean.mean(0) - ref) ** 2).mean()),
+    ):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    energies = c.member(batch, training=True)["energy_heads"].sum(-1)  # [K]
+    direct = torch.stack(
+        [-torch.autograd.grad(e, batch["positions"], create_graph=True, retain_graph=True)[0] for e in energies]
+    )
+    spread = c.member(batch, training=True)["forces_heads"]
+    assert torch.allclose(spread, direct, rtol=1e-10, atol=1e-12)
+    weights = torch.randn(3, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for a, b in zip(
+        _parameter_gradients(c, (spread.var(0) + weights * spread).sum()),
+        _parameter_gradients(c, (direct.var(0) + weights * direct).sum()),
+    ):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_a_loss_of_the_mean_head_forces_skips_the_contrasts_in_backward():
+    mean = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    grads = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    contrasts = _helmert(3)
+    _HeadForces.apply(mean, grads, contrasts).mean(0).square().sum().backward()
+    assert grads.grad is None and torch.allclose(mean.grad, 2 * mean.detach())
+    mean.grad = None
+    heads = _HeadForces.apply(mean, grads, contrasts)
+    assert torch.allclose(heads, mean[None] - torch.einsum("jk,jna->kna", contrasts, grads))
+    heads.var(0).sum().backward()
+    assert grads.grad is not None and grads.grad.abs().max() > 0

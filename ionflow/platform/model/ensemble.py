@@ -184,10 +184,15 @@ class Committee(Ensemble):
         self.members = torch.nn.ModuleList(build_member(spec, s) for s in spec.seeds)
 
     def forward(
-        self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
+        self,
+        batch: dict[str, torch.Tensor],
+        training: bool = False,
+        compute_stress: bool = False,
+        head_forces: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Every member's outputs stacked on a leading axis of size K: energy (K, g), forces
-        (K, n, 3), charges (K, n), dipole (K, g, 3), energy_coulomb (K, g), stress (K, g, 3, 3)."""
+        (K, n, 3), charges (K, n), dipole (K, g, 3), energy_coulomb (K, g), stress (K, g, 3, 3).
+        ``head_forces`` changes nothing here: each member has one head."""
         outputs = [member(batch, training=training, compute_stress=compute_stress) for member in self.members]
         return {key: torch.stack([o[key] for o in outputs]) for key in outputs[0]}
 
@@ -203,12 +208,19 @@ class ShallowEnsemble(Ensemble):
         self.member = build_member(spec, spec.seeds[0], heads=k)
 
     def forward(
-        self, batch: dict[str, torch.Tensor], training: bool = False, compute_stress: bool = False
+        self,
+        batch: dict[str, torch.Tensor],
+        training: bool = False,
+        compute_stress: bool = False,
+        head_forces: bool = True,
     ) -> dict[str, torch.Tensor]:
         """energy (K, g) and forces (K, n, 3) of the K heads; charges (1, n), dipole (1, g, 3),
-        energy_coulomb (1, g) and stress (1, g, 3, 3), which the heads share."""
-        out = self.member(batch, training=training, compute_stress=compute_stress)
+        energy_coulomb (1, g) and stress (1, g, 3, 3), which the heads share; forces_mean (1, n, 3),
+        the heads' mean force −∂Ē/∂r. With ``head_forces=False`` forces is forces_mean: one backward
+        pass instead of K."""
+        out = self.member(batch, training=training, compute_stress=compute_stress, head_forces=head_forces)
         result = {key: value[None] for key, value in out.items() if not key.endswith("_heads")}
+        result["forces_mean"] = result["forces"]
         result["energy"], result["forces"] = out["energy_heads"], out["forces_heads"]
         return result
 
