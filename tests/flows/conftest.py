@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ def tiny_campaign(tmp_path: Path, **changes) -> dict:
         "workdir": str(tmp_path / "runs"),
         "iterations": 2,
         "seed": 3,
-        "system": {"charge": 1, "multiplicity": 1, "structure": ZUNDEL},
+        "system": {"charge": 1, "multiplicity": 1, "structure": copy.deepcopy(ZUNDEL)},  # a test may change it
         "reference": {"adapter": "tblite"},
         "model": {"ensemble_size": 2, "hidden_irreps": "8x0e+8x1o", "mlp_irreps": "8x0e", "num_interactions": 1},
         "training": {"epochs": 10, "finetune_epochs": 5},  # the flow is under test, not the fit
