@@ -47,6 +47,11 @@ def train(
     frozen_layers: int | None = typer.Option(
         None, help="With --foundation: message-passing layers (and the embeddings) that keep the foundation's weights."
     ),
+    processes: str = typer.Option(
+        "1",
+        help="Training processes on this machine, each on a GPU of its own where there are enough (gloo on the "
+        "CPU otherwise): a number, or auto (one per visible GPU). Under torchrun its ranks are the processes.",
+    ),
 ) -> None:
     """Train a model (committee or shallow ensemble) on a labelled dataset, outside any campaign.
 
@@ -83,6 +88,8 @@ def train(
         model_cfg, training_cfg = load_train_config(config, overrides)
     except ConfigError as exc:
         fail(str(exc))
+    if processes != "auto" and not (processes.isdigit() and 1 <= int(processes) <= 64):
+        fail(f"--processes {processes!r}: a number of processes from 1 to 64, or auto")
     frames = read_labelled(data)
     start, replayed = read_foundation_options(model_cfg, training_cfg, frames, "the data")
 
@@ -97,7 +104,7 @@ def train(
 
     from ionflow.platform.distributed import init_from_env, shutdown
     from ionflow.platform.model import save_model
-    from ionflow.platform.training import fit_dataset
+    from ionflow.platform.training import fit_dataset, training_processes
 
     # under torchrun (WORLD_SIZE > 1): join the other ranks, each trains on its shard of every batch;
     # alone: nothing to join. Rank 0 alone prints and writes the model (every rank ends with the same).
@@ -122,6 +129,7 @@ def train(
                 progress=lambda done, total: bar.update(task, completed=done),
                 foundation=start,
                 replay=replayed,
+                processes=training_processes(processes if processes == "auto" else int(processes)),
             )
     finally:
         shutdown()

@@ -365,7 +365,10 @@ def train_ensemble(
 
 def training_processes(setting: int | str) -> int:
     """How many processes a train step runs: ``setting``, or for ``auto`` one per visible CUDA GPU
-    (one with no GPU, or when ``IONFLOW_DEVICE`` names the device)."""
+    (one with no GPU, or when ``IONFLOW_DEVICE`` names the device). One in a process that already
+    belongs to a group (started by ``torchrun``): its ranks are the processes."""
+    if world().size > 1:
+        return 1
     if setting != "auto":
         return int(setting)
     if os.environ.get(DEVICE_VARIABLE) or not torch.cuda.is_available():
@@ -416,6 +419,7 @@ def fit_dataset(
     progress: Progress | None = None,
     foundation: Foundation | None = None,
     replay: Sequence[Atoms] = (),
+    processes: int = 1,
 ) -> tuple[Ensemble, TrainReport, dict[str, float]]:
     """Train a fresh ensemble on labelled ``frames`` outside any campaign (``ionflow train``).
 
@@ -424,13 +428,14 @@ def fit_dataset(
     its report, and :func:`~ionflow.platform.evaluation.evaluate` on the validation frames
     (``{"n": 0}`` when none are held out). Raises ``ValueError`` naming the frame when
     :func:`~ionflow.platform.dataset.dataset_problem` finds one. ``foundation`` and ``replay``
-    as in :func:`train_ensemble`.
+    as in :func:`train_ensemble`; ``processes`` > 1 trains in that many processes
+    (:func:`train_in_processes`).
     """
     problem = dataset_problem(frames)
     if problem:
         raise ValueError(problem)
     train, valid = split(frames, training.valid_fraction)
-    ensemble, report = train_ensemble(
-        train, valid, model, training, seed=seed, progress=progress, foundation=foundation, replay=replay
+    ensemble, report = train_in_processes(
+        processes, train, valid, model, training, seed=seed, progress=progress, foundation=foundation, replay=replay
     )
     return ensemble, report, evaluate(ensemble, valid)

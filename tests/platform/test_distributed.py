@@ -213,8 +213,8 @@ def test_which_ranks_split_members_and_which_split_batches(frames):
 
 
 def test_ionflow_train_under_torchrun_writes_the_model_one_process_writes(frames, tmp_path):
-    """``torchrun --nproc-per-node 2 -m ionflow.cli train``: one model file, written by rank 0, equal
-    to what ``ionflow train`` writes alone."""
+    """``torchrun --nproc-per-node 2 -m ionflow.cli train`` and ``ionflow train --processes 2``: one
+    model file, written by rank 0, equal to what ``ionflow train`` writes alone."""
     import subprocess
     import sys
 
@@ -236,13 +236,25 @@ def test_ionflow_train_under_torchrun_writes_the_model_one_process_writes(frames
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("saved") == 1, done.stdout  # rank 0 alone writes and prints
-    alone = subprocess.run(
-        [sys.executable, "-m", "ionflow.cli", *common, "-o", str(tmp_path / "alone.pt")], env=env, capture_output=True
-    )
-    assert alone.returncode == 0
-    ddp, one = load_model(tmp_path / "ddp.pt").state_dict(), load_model(tmp_path / "alone.pt").state_dict()
-    for key, value in one.items():
-        torch.testing.assert_close(ddp[key], value, rtol=0, atol=TOLERANCE, msg=key)
+    for name, extra in (("alone", []), ("spawned", ["--processes", "2"])):  # --processes: no torchrun needed
+        done = subprocess.run(
+            [sys.executable, "-m", "ionflow.cli", *common, *extra, "-o", str(tmp_path / f"{name}.pt")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_model(tmp_path / "alone.pt").state_dict()
+    for name in ("ddp", "spawned"):
+        other = load_model(tmp_path / f"{name}.pt").state_dict()
+        for key, value in one.items():
+            torch.testing.assert_close(other[key], value, rtol=0, atol=TOLERANCE, msg=f"{name}: {key}")
+    from typer.testing import CliRunner
+
+    from ionflow.cli import app
+
+    refused = CliRunner().invoke(app, [*common, "--processes", "two", "-o", str(tmp_path / "no.pt")])
+    assert refused.exit_code == 2 and "--processes 'two'" in refused.output
 
 
 def test_a_train_step_in_two_processes_returns_the_model_one_process_trains(frames):
