@@ -70,13 +70,6 @@ def make_frames(n_frames: int, seed: int) -> list:
     return frames
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[key] = str(threads)
-    return env
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,13 +86,9 @@ def launch(job: dict, ranks: int, threads: int) -> dict:
         "--worker",
         json.dumps({**job, "threads": threads}),
     ]
-    t0 = time.perf_counter()
-    proc = subprocess.run(command, env=thread_env(threads), capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"torchrun with {ranks} ranks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return {"wall_s": wall, **json.loads(lines[-1][len("RESULT ") :])}
+    from training_throughput import run_worker
+
+    return run_worker(command, threads, f"torchrun with {ranks} ranks")
 
 
 def worker(job: dict) -> None:
