@@ -617,12 +617,14 @@ class ExecutionConfig(Strict):
         "to rounding. auto: one per visible CUDA GPU (one without a GPU, or with IONFLOW_DEVICE set).",
     )
 
-    @field_validator("train_processes")
+    @field_validator("train_processes", mode="before")
     @classmethod
-    def _processes(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 1 <= value <= 64:
-            raise ValueError("train_processes is 'auto' or a number of processes from 1 to 64")
-        return value
+    def _processes(cls, value: Any) -> int | str:
+        if value == "auto":
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64:
+            return value
+        raise ValueError(f"{value!r}: 'auto' or a whole number of processes from 1 to 64")
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

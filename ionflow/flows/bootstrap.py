@@ -93,7 +93,9 @@ def zero_shot_frames(ctx: Context) -> list[Atoms]:
             progress=update,
         )
     columns = [run.frames[-per_walker:] for run in runs]  # the last: furthest from the rattled start
-    frames = [column[k] for k in range(per_walker) for column in columns if k < len(column)][:n_train]
+    # round-robin over the walkers from their last frames back, so that a count that is not a multiple
+    # of the walkers takes the extra frames from late in the runs
+    frames = [column[-k] for k in range(1, per_walker + 1) for column in columns if k <= len(column)][:n_train]
     stopped = sum(run.stop_reason != "completed" for run in runs)
     get_run_logger().info(
         "zero-shot bootstrap: %d of %d frames from %d walkers x %d steps of foundation MD (%d stopped by a close "
