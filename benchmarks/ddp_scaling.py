@@ -4,7 +4,8 @@ The same ionflow training run three ways, each launched by ``torchrun --nproc-pe
 OMP_NUM_THREADS = MKL_NUM_THREADS = T in every process (``torch.set_num_threads(T)`` too):
 
 * 1 rank x 1 thread   (the baseline)
-* 2 ranks x 1 thread  (data-parallel: each rank evaluates half of every batch, gradients summed)
+* 2 ranks x 1 thread, data-parallel (each rank evaluates half of every batch, gradients summed)
+  and member-parallel (a committee's members split over the ranks, whole batches)
 * 1 rank x 2 threads  (torch's own intra-op threads on the same two cores, for comparison)
 
 Data: ``--frames`` water clusters (H2O)4-8 (12-24 atoms; ``training_throughput.water_cluster``),
@@ -51,7 +52,12 @@ SEED = 0
 TIP3P_CUTOFF = 9.0  # Å: the whole cluster
 
 #: (name, ranks, threads per rank); the first is the baseline
-CONFIGS = [("1 rank x 1 thread", 1, 1), ("2 ranks x 1 thread", 2, 1), ("1 rank x 2 threads", 1, 2)]
+CONFIGS = [
+    ("1 rank x 1 thread", 1, 1, "auto"),
+    ("2 ranks x 1 thread, data-parallel", 2, 1, "data"),
+    ("2 ranks x 1 thread, member-parallel", 2, 1, "members"),
+    ("1 rank x 2 threads", 1, 2, "auto"),
+]
 
 
 def make_frames(n_frames: int, seed: int) -> list:
@@ -108,7 +114,11 @@ def worker(job: dict) -> None:
         uncertainty=job["uncertainty"], ensemble_size=job["k"], electrostatics=job["electrostatics"]
     ).settings()
     training = TrainingConfig(
-        epochs=job["epochs"], learning_rate=LEARNING_RATE, batch_size=job["batch_size"], valid_fraction=VALID_FRACTION
+        epochs=job["epochs"],
+        learning_rate=LEARNING_RATE,
+        batch_size=job["batch_size"],
+        valid_fraction=VALID_FRACTION,
+        parallel=job.get("parallel", "auto"),
     ).settings()
     stamps: list[float] = []
     ensemble, report = train_ensemble(
@@ -201,10 +211,10 @@ def main() -> None:
             "epochs": epochs,
             "batch_size": args.batch_size,
         }
-        for index, (name, ranks, threads) in enumerate(CONFIGS):
+        for index, (name, ranks, threads, parallel) in enumerate(CONFIGS):
             weights = str(Path(tmp) / f"weights_{index}.pt")
             load = os.getloadavg()[0]
-            run = launch({**job, "weights": weights}, ranks, threads)
+            run = launch({**job, "weights": weights, "parallel": parallel}, ranks, threads)
             epoch_s = statistics.median(run["epoch_s"][1:] or run["epoch_s"])  # epoch 1 builds the first batches
             rows.append(
                 {
