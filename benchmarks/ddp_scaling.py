@@ -152,15 +152,10 @@ def table(rows: list[dict]) -> str:
 
 
 def write_results(text: str) -> None:
-    """Add ``text`` at the end of this benchmark's section of RESULTS.md (the section is created if missing)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in old:
-        RESULTS.write_text(old.rstrip("\n") + f"\n\n{HEADING}\n\n{text}\n")
-        return
-    start = old.index(HEADING)
-    following = old.find("\n## ", start + len(HEADING))
-    end = len(old) if following < 0 else following + 1
-    RESULTS.write_text(old[:end].rstrip("\n") + f"\n\n{text}\n" + ("\n" + old[end:] if following >= 0 else ""))
+    """Add ``text`` at the end of this benchmark's section of RESULTS.md."""
+    from training_throughput import write_results as write_section
+
+    write_section(text, HEADING)
 
 
 def machine() -> str:

@@ -446,14 +446,14 @@ def machine() -> str:
     return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, no GPU"
 
 
-def write_results(text: str) -> None:
-    """Add ``text`` at the end of this benchmark's section of RESULTS.md (the section is created if missing)."""
+def write_results(text: str, heading: str = HEADING) -> None:
+    """Add ``text`` at the end of the section ``heading`` of RESULTS.md (the section is created if missing)."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in old:
-        RESULTS.write_text(old.rstrip("\n") + f"\n\n{HEADING}\n\n{text}\n")
+    if heading not in old:
+        RESULTS.write_text(old.rstrip("\n") + f"\n\n{heading}\n\n{text}\n")
         return
-    start = old.index(HEADING)
-    following = old.find("\n## ", start + len(HEADING))
+    start = old.index(heading)
+    following = old.find("\n## ", start + len(heading))
     end = len(old) if following < 0 else following + 1
     RESULTS.write_text(old[:end].rstrip("\n") + f"\n\n{text}\n" + ("\n" + old[end:] if following >= 0 else ""))
 

@@ -191,7 +191,7 @@ class MixedPrecisionBackbone(torch.nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         asked = sorted(name for name, value in others.items() if value)
         if asked:  # the member asks for none of these (it derives stress from the displacement)
-            raise NotImplementedError(f"MixedPrecisionBackbone does not compute {asked}")
+            raise ValueError(f"MixedPrecisionBackbone computes energy, forces and the displacement, not {asked}")
         positions = data["positions"]
         positions.requires_grad_(True)  # as MACE does: the member differentiates by these
         displacement = None
