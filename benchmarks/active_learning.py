@@ -181,6 +181,32 @@ def labels_to_reach(labels: np.ndarray, errors: np.ndarray, target: float) -> fl
     return None
 
 
+def print_curves(curves: dict, names: list[str], keys: list[str], n_seeds: int, energy_digits: int = 2) -> None:
+    """Markdown table of mean ± std force and energy RMSE per label count, a column pair per curve
+    (``keys`` into ``curves``, headed ``names``); ``(n=…)`` marks points fewer than ``n_seeds`` reached."""
+    print(
+        "| training labels | "
+        + " | ".join(f"{name} F (eV/Å)" for name in names)
+        + " | "
+        + " | ".join(f"{name} E (meV/atom)" for name in names)
+        + " |"
+    )
+    print("| --- " * (1 + 2 * len(keys)) + "|")
+    for n in sorted({n for key in keys for n in curves[key]["forces_rmse"][0]}):
+        cells = []
+        for what, scale, fmt in (("forces_rmse", 1.0, ".3f"), ("energy_rmse", 1000.0, f".{energy_digits}f")):
+            for key in keys:
+                labels, mean, std, count = curves[key][what]
+                hit = np.flatnonzero(labels == n)
+                if not len(hit):
+                    cells.append("-")
+                    continue
+                k = hit[0]
+                partial = f" (n={count[k]})" if count[k] < n_seeds else ""
+                cells.append(f"{scale * mean[k]:{fmt}} ± {scale * std[k]:{fmt}}{partial}")
+        print(f"| {int(n)} | " + " | ".join(cells) + " |")
+
+
 def report(results: dict, plot: Path) -> None:
     """Markdown tables of the mean curves and the labels saved; the plot."""
     by_strategy: dict[str, list[dict]] = {}
@@ -191,28 +217,7 @@ def report(results: dict, plot: Path) -> None:
 
     print(f"\nTest errors on {results['test_set']} ({results['n_test']} frames), mean ± std over seeds {seeds}:\n")
     strategies = [s for s in STRATEGIES if s in curves]
-    print(
-        "| training labels | "
-        + " | ".join(f"{s}: F (eV/Å)" for s in strategies)
-        + " | "
-        + " | ".join(f"{s}: E (meV/atom)" for s in strategies)
-        + " |"
-    )
-    print("| --- " * (1 + 2 * len(strategies)) + "|")
-    all_labels = sorted({n for s in strategies for n in curves[s]["forces_rmse"][0]})
-    for n in all_labels:
-        cells = []
-        for key, scale, fmt in (("forces_rmse", 1.0, ".3f"), ("energy_rmse", 1000.0, ".2f")):
-            for s in strategies:
-                labels, mean, std, count = curves[s][key]
-                hit = np.flatnonzero(labels == n)
-                if not len(hit):
-                    cells.append("-")
-                    continue
-                k = hit[0]
-                partial = f" (n={count[k]})" if count[k] < len(seeds) else ""
-                cells.append(f"{scale * mean[k]:{fmt}} ± {scale * std[k]:{fmt}}{partial}")
-        print(f"| {int(n)} | " + " | ".join(cells) + " |")
+    print_curves(curves, [f"{s}:" for s in strategies], strategies, len(seeds))
 
     if "random" in curves:
         print(

@@ -57,6 +57,7 @@ from active_learning import (  # noqa: E402
     labels_to_reach,
     mean_curve,
     merged,
+    print_curves,
     run_campaign,
 )
 
@@ -430,27 +431,7 @@ def report(results: dict) -> None:
     curves = {a: {k: mean_curve(by_arm[a], k) for k in ("forces_rmse", "energy_rmse")} for a in arms}
     seeds = sorted({run["seed"] for run in results["runs"]})
     print(f"\nTest errors on {results['test_set']} ({results['n_test']} frames), mean ± std over seeds {seeds}:\n")
-    print(
-        "| training labels | "
-        + " | ".join(f"{a} F (eV/Å)" for a in arms)
-        + " | "
-        + " | ".join(f"{a} E (meV/atom)" for a in arms)
-        + " |"
-    )
-    print("| --- " * (1 + 2 * len(arms)) + "|")
-    for n in sorted({n for a in arms for n in curves[a]["forces_rmse"][0]}):
-        cells = []
-        for key, scale, fmt in (("forces_rmse", 1.0, ".3f"), ("energy_rmse", 1000.0, ".1f")):
-            for a in arms:
-                labels, mean, std, count = curves[a][key]
-                hit = np.flatnonzero(labels == n)
-                if not len(hit):
-                    cells.append("-")
-                    continue
-                k = hit[0]
-                partial = f" (n={count[k]})" if count[k] < len(seeds) else ""
-                cells.append(f"{scale * mean[k]:{fmt}} ± {scale * std[k]:{fmt}}{partial}")
-        print(f"| {int(n)} | " + " | ".join(cells) + " |")
+    print_curves(curves, arms, arms, len(seeds), energy_digits=1)
 
     pairs = [(b, a) for b, a in (("scratch", "finetune"), ("scratch", "zero_shot"), ("finetune", "zero_shot"))]
     pairs = [(b, a) for b, a in pairs if b in curves and a in curves]

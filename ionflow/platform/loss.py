@@ -108,11 +108,19 @@ ENERGY_VARIANCE_FLOOR = 1e-8
 FORCES_VARIANCE_FLOOR = 1e-6
 
 
-def gaussian_nll(pred: torch.Tensor, ref: torch.Tensor, floor: float, count: float | None = None) -> torch.Tensor:
+def gaussian_nll(
+    pred: torch.Tensor,
+    ref: torch.Tensor,
+    floor: float,
+    count: float | None = None,
+    deviation: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean ½[(y − sg(μ))²/σ² + log σ²] with μ, σ² the mean and variance over the leading (heads) axis;
-    with ``count``, the sum over the entries divided by it."""
+    with ``count``, the sum over the entries divided by it. ``deviation``, when given, is ``pred``
+    less its mean, computed apart: σ² is taken from it, so that the gradient does not run back
+    through the mean's own graph (a variance does not depend on the mean)."""
     mean = pred.mean(0).detach()
-    variance = pred.var(0) + floor
+    variance = (pred if deviation is None else deviation).var(0) + floor
     return 0.5 * _mean(((ref - mean) ** 2) / variance + variance.log(), None, count)
 
 
@@ -140,7 +148,11 @@ def batch_loss(
             ref = batch["ref_energy"] / batch["n_atoms"]  # [g] eV/atom
             nll = weights.energy * gaussian_nll(energy, ref, ENERGY_VARIANCE_FLOOR, n_e)
             nll = weights.nll * (
-                nll + weights.forces * gaussian_nll(out["forces"], batch["ref_forces"], FORCES_VARIANCE_FLOOR, n_f)
+                nll
+                + weights.forces
+                * gaussian_nll(
+                    out["forces"], batch["ref_forces"], FORCES_VARIANCE_FLOOR, n_f, out.get("forces_deviation")
+                )
             )
     else:
         de = energy - batch["ref_energy"] / batch["n_atoms"]  # [K, g] eV/atom

@@ -114,6 +114,30 @@ def test_nll_reaches_only_the_heads(h3o_labelled):
     assert term is not None and torch.isfinite(term)
 
 
+def test_force_nll_through_the_deviations_is_the_nll_of_every_heads_forces(h3o_labelled):
+    """The NLL's variance is taken from F_k − F̄ computed without F̄ (cheaper: no path back through
+    the mean force's graph): same values, and the same gradient as the variance of the F_k."""
+    from ionflow.platform.loss import FORCES_VARIANCE_FLOOR, gaussian_nll
+
+    model = build_ensemble(new_spec(h3o_labelled, shallow_model(k=3), seed=5))
+    batch = label_batches(h3o_labelled[:4], model.spec, batch_size=8)[0]
+    out = model(batch, training=True)
+    assert torch.allclose(out["forces_deviation"], out["forces"] - out["forces_mean"], atol=1e-12)
+    assert "forces_deviation" not in model(batch, training=True, head_forces=False)
+    heads = head_parameters(model)
+    ref = batch["ref_forces"]
+    plain = gaussian_nll(out["forces"], ref, FORCES_VARIANCE_FLOOR)
+    apart = gaussian_nll(out["forces"], ref, FORCES_VARIANCE_FLOOR, deviation=out["forces_deviation"])
+    assert torch.allclose(plain, apart, rtol=1e-12)
+    def grads(nll):  # a head's last bias does not move its forces: no gradient
+        found = torch.autograd.grad(nll, heads, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(heads, found)]
+
+    for g1, g2 in zip(grads(plain), grads(apart)):
+        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-14)
+    assert any(float(g.abs().max()) > 0 for g in grads(apart))
+
+
 def test_shallow_training_lowers_errors_and_calibrates(shallow_trained, h3o_labelled):
     model, report, train, valid, test = shallow_trained
     before = evaluate(build_ensemble(new_spec(train, shallow_model(), seed=3)).eval(), test)

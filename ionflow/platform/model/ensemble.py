@@ -216,12 +216,15 @@ class ShallowEnsemble(Ensemble):
     ) -> dict[str, torch.Tensor]:
         """energy (K, g) and forces (K, n, 3) of the K heads; charges (1, n), dipole (1, g, 3),
         energy_coulomb (1, g) and stress (1, g, 3, 3), which the heads share; forces_mean (1, n, 3),
-        the heads' mean force −∂Ē/∂r. With ``head_forces=False`` forces is forces_mean: one backward
-        pass instead of K."""
+        the heads' mean force −∂Ē/∂r; forces_deviation (K, n, 3), forces − forces_mean computed without
+        the mean. With ``head_forces=False`` forces is forces_mean (one backward pass instead of K) and
+        there is no forces_deviation."""
         out = self.member(batch, training=training, compute_stress=compute_stress, head_forces=head_forces)
         result = {key: value[None] for key, value in out.items() if not key.endswith("_heads")}
         result["forces_mean"] = result["forces"]
         result["energy"], result["forces"] = out["energy_heads"], out["forces_heads"]
+        if "forces_deviation_heads" in out:  # every head's force less the mean (K, n, 3)
+            result["forces_deviation"] = out["forces_deviation_heads"]
         return result
 
 

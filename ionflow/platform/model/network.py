@@ -342,6 +342,9 @@ class Member(torch.nn.Module):
         if per_head:
             # −∂E_k/∂r = F_mean − Σ_j C_jk ∂(C E)_j/∂r, since E_k − Ē = Σ_j C_jk (C E)_j
             result["forces_heads"] = _HeadForces.apply(forces, grads, self.contrasts)  # [H, n, 3]
+            # F_k − F̄ alone [H, n, 3]: what the heads' force variance needs, with no path back through
+            # the mean force's double-backward graph (whose gradient under a variance is zero anyway)
+            result["forces_deviation_heads"] = -torch.einsum("jk,jna->kna", self.contrasts, grads)
         elif self.heads > 1:
             result["forces_heads"] = forces[None]  # [1, n, 3] eV/Å, the heads' mean: Σ_k F_k / K = −∂Ē/∂r
         return result
