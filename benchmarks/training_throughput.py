@@ -37,7 +37,7 @@ Usage: python benchmarks/training_throughput.py [--quick] [--threads 2] [--epoch
 A full run (~12 min on 2 quiet cores) appends its table to benchmarks/RESULTS.md; ``--quick`` (48 clusters,
 or also 10 boxes with ``--datasets clusters box``; 1 and 2 epochs; mace and the K=2 equilibrated committee
 only; ~1.5 min) does not: it checks that both trainers run, its numbers are startup noise. ``--data
-DIR`` keeps the labelled frames between runs. ``--profile ROW`` cProfiles one ionflow run (a row 1-4
+DIR`` keeps the labelled frames between runs. ``--profile ROW`` cProfiles one ionflow run (a row 1-5
 above) in-process instead. The machine must be otherwise idle: on a loaded VM, 2-thread runs stall
 for tens of seconds and the difference method gives nonsense (the load column says how busy it was).
 """
@@ -73,13 +73,15 @@ VALID_FRACTION = 0.2
 LEARNING_RATE = 2e-2
 SEED = 0
 
-#: (name, uncertainty, K, electrostatics); None: mace_run_train
+#: (name, uncertainty, K, electrostatics, NLL weight or None for the default); None: mace_run_train
 TRAINERS = [
-    ("mace_run_train, MACE (one model)", None, 1, None),
-    ("ionflow committee K=2, none", "committee", 2, "none"),
-    ("ionflow committee K=2, equilibrated", "committee", 2, "equilibrated"),
-    ("ionflow shallow K=3, none", "shallow", 3, "none"),
-    ("ionflow shallow K=3, equilibrated", "shallow", 3, "equilibrated"),
+    ("mace_run_train, MACE (one model)", None, 1, None, None),
+    ("ionflow committee K=2, none", "committee", 2, "none", None),
+    ("ionflow committee K=2, equilibrated", "committee", 2, "equilibrated", None),
+    ("ionflow shallow K=3, none", "shallow", 3, "none", None),
+    ("ionflow shallow K=3, equilibrated", "shallow", 3, "equilibrated", None),
+    # the same work as mace_run_train's (squared errors of one model): the trainer itself, no NLL
+    ("ionflow shallow K=3, none, NLL off", "shallow", 3, "none", 0.0),
 ]
 
 
@@ -293,13 +295,16 @@ def run_mace(data: Dataset, epochs: int, threads: int) -> dict:
     return {"wall_s": wall, "epoch_s": list(np.diff(stamps)), "epochs_logged": len(stamps), "params_per_model": params}
 
 
-def run_ionflow(data: Dataset, epochs: int, threads: int, uncertainty: str, k: int, electrostatics: str) -> dict:
+def run_ionflow(
+    data: Dataset, epochs: int, threads: int, uncertainty: str, k: int, electrostatics: str, nll: float | None
+) -> dict:
     job = {
         "train": str(data.train_path),
         "valid": str(data.valid_path),
         "uncertainty": uncertainty,
         "k": k,
         "electrostatics": electrostatics,
+        "nll": nll,
         "epochs": epochs,
         "batch_size": data.batch_size,
         "threads": threads,
@@ -339,6 +344,7 @@ def worker(job: dict) -> None:
         energy_weight=1.0,
         forces_weight=1.0,
         valid_fraction=VALID_FRACTION,
+        **({} if job.get("nll") is None else {"nll_weight": job["nll"]}),
     ).settings()
     stamps: list[float] = []
     t0 = time.perf_counter()
@@ -374,14 +380,14 @@ def torch_threads_in_fresh_process(threads: int) -> int:
 
 def measure(data: Dataset, trainers: list, epochs: int, threads: int) -> list[dict]:
     rows = []
-    for name, uncertainty, k, electrostatics in trainers:
+    for name, uncertainty, k, electrostatics, nll in trainers:
         runs = {}
         for n in (epochs, 2 * epochs):
             load = os.getloadavg()[0]
             if uncertainty is None:
                 runs[n] = run_mace(data, n, threads)
             else:
-                runs[n] = run_ionflow(data, n, threads, uncertainty, k, electrostatics)
+                runs[n] = run_ionflow(data, n, threads, uncertainty, k, electrostatics, nll)
             runs[n]["load"] = load
             print(
                 f"  {data.name:8s} {name:40s} {n:3d} epochs: {runs[n]['wall_s']:7.1f} s (load {load:.1f})", flush=True
@@ -464,9 +470,9 @@ def profile(args: argparse.Namespace) -> None:
     import pstats
 
     os.environ.update(thread_env(args.threads))
-    _, uncertainty, k, electrostatics = TRAINERS[args.profile]
+    _, uncertainty, k, electrostatics, nll = TRAINERS[args.profile]
     if uncertainty is None:
-        raise SystemExit("--profile takes a row of ionflow's trainers, 1-4")
+        raise SystemExit("--profile takes a row of ionflow's trainers, 1-5")
     kind = (args.datasets or ["clusters"])[0]
     n_frames, batch_size = {"clusters": (200, 32), "box": (24, 4)}[kind]
     with tempfile.TemporaryDirectory(prefix="ionflow_throughput_") as tmp:
@@ -477,6 +483,7 @@ def profile(args: argparse.Namespace) -> None:
             "uncertainty": uncertainty,
             "k": k,
             "electrostatics": electrostatics,
+            "nll": nll,
             "epochs": args.epochs or 2,
             "batch_size": batch_size,
             "threads": args.threads,
@@ -503,7 +510,7 @@ def main() -> None:
         type=int,
         default=None,
         metavar="ROW",
-        help="instead: cProfile one ionflow run (ROW 1-4 of the trainers) on the first dataset, E epochs",
+        help="instead: cProfile one ionflow run (ROW 1-5 of the trainers) on the first dataset, E epochs",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
