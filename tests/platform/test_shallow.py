@@ -129,6 +129,7 @@ def test_force_nll_through_the_deviations_is_the_nll_of_every_heads_forces(h3o_l
     plain = gaussian_nll(out["forces"], ref, FORCES_VARIANCE_FLOOR)
     apart = gaussian_nll(out["forces"], ref, FORCES_VARIANCE_FLOOR, deviation=out["forces_deviation"])
     assert torch.allclose(plain, apart, rtol=1e-12)
+
     def grads(nll):  # a head's last bias does not move its forces: no gradient
         found = torch.autograd.grad(nll, heads, retain_graph=True, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(heads, found)]
