@@ -170,6 +170,10 @@ def test_a_pinned_sha256_is_checked_before_anything_is_unpickled(tmp_path, found
     torch.save(torch.nn.Linear(2, 2), linear)
     with pytest.raises(ValueError, match="the model is a Linear; ionflow fine-tunes ScaleShiftMACE"):
         read_foundation(linear)
+    compiled = tmp_path / "foundation_compiled.model"  # what mace_run_train writes beside NAME.model
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), compiled)
+    with pytest.raises(ValueError, match=r"TorchScript \(compiled\) model.*NAME\.model"):
+        read_foundation(compiled)
     assert read_foundation(foundation_file, file_sha256(foundation_file).upper()).z_table == Z_TABLE
     with pytest.raises(ValueError, match="no foundation model file"):
         read_foundation(tmp_path / "absent.model")

@@ -16,6 +16,7 @@ element table is the foundation's; a multi-head file contributes its first head 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,11 @@ def backbone_config(model: torch.nn.Module) -> dict[str, Any]:
     finds them; :func:`build_backbone` builds the model back from it."""
     from mace.tools.scripts_utils import extract_config_mace_model
 
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            "the model is a TorchScript (compiled) model, which keeps no architecture to fine-tune: give the "
+            "mace-torch model file itself (mace_run_train writes NAME.model next to NAME_compiled.model)"
+        )
     if type(model).__name__ != "ScaleShiftMACE":
         raise ValueError(
             f"the model is a {type(model).__name__}; ionflow fine-tunes ScaleShiftMACE models (MACE-MP-0, MACE-OFF, "
@@ -164,7 +170,9 @@ def read_foundation(path: str | Path, expected_sha256: str | None = None) -> Fou
         raise ValueError(f"{path} has sha256 {sha256}, not the {expected_sha256} it is pinned to; not loaded")
     try:
         # full unpickling, on purpose: see UNPICKLING_NOTE; the caller passes only user-given paths
-        model = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # a TorchScript file is refused below, with what to give instead
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # pickles fail in many ways
         raise ValueError(f"{path} is not a readable mace-torch model file: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
