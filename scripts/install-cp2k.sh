@@ -14,6 +14,6 @@ else
   exit 1
 fi
 echo "installing CP2K (Debian package cp2k) ..." >&2
-"${SUDO[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq cp2k >/dev/null
+"${SUDO[@]}" apt-get -o DPkg::Lock::Timeout=600 update -qq
+DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get -o DPkg::Lock::Timeout=600 install -y -qq cp2k >/dev/null
 command -v cp2k_shell >/dev/null

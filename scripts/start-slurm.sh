@@ -58,7 +58,7 @@ stop_daemon() {
 if ! command -v slurmctld >/dev/null 2>&1 || ! command -v slurmd >/dev/null 2>&1 \
   || ! command -v munged >/dev/null 2>&1 || ! command -v sinfo >/dev/null 2>&1; then
   apt_log="$(mktemp)"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; } >"$apt_log" 2>&1; then
+  if ! { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq slurm-wlm munge; } >"$apt_log" 2>&1; then
     tail -n 20 "$apt_log" >&2
     die "could not install slurm-wlm munge with apt-get"
   fi

@@ -24,7 +24,7 @@ banner() {
 [ "$(id -u)" = 0 ] || die "must run as root"
 if ! [ -x /usr/sbin/sshd ]; then
   apt_log="$(mktemp)"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; } >"$apt_log" 2>&1; then
+  if ! { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq openssh-server; } >"$apt_log" 2>&1; then
     tail -n 20 "$apt_log" >&2
     die "could not install openssh-server with apt-get"
   fi
