@@ -90,11 +90,50 @@ def charge_state_problem(numbers: Sequence[int], charge: int, multiplicity: int)
     return None
 
 
+#: A cluster is placed in a box this much wider (Å) than its extent plus the cutoff, so that a
+#: neighbour list of a non-periodic structure never sees an image.
+_FREE_PADDING = 2.0
+
+
+def neighbour_pairs(atoms: Atoms, cutoff: float, quantities: str = "ijS") -> tuple[np.ndarray, ...]:
+    """matscipy's neighbour list of ``atoms`` within ``cutoff`` (Å), periodic along ``atoms.pbc`` only:
+    every ordered pair and image (``quantities`` as matscipy's: i, j, S image shifts, d distances...)."""
+    from matscipy.neighbours import neighbour_list
+
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    positions = atoms.positions
+    cell = atoms.cell.array.copy()
+    if not pbc.all():
+        # matscipy wants a cell; give non-periodic directions one wide enough for no images.
+        extent = positions.max(axis=0) - positions.min(axis=0) + 2 * cutoff + _FREE_PADDING
+        for axis in range(3):
+            if not pbc[axis]:
+                cell[axis] = 0.0
+                cell[axis, axis] = extent[axis]
+        positions = positions - positions.min(axis=0) * (~pbc)
+    return neighbour_list(quantities, pbc=pbc, cell=cell, positions=positions, cutoff=cutoff)
+
+
+#: Up to this many atoms the closest contact comes from all pair distances; above, from neighbour
+#: lists within the radii below (Å), which cost O(n) instead of O(n²): 0.78 s for 1017 periodic atoms
+#: with ASE's minimum-image distances, once per MD step.
+_DENSE_CONTACT_ATOMS = 32
+_CONTACT_RADII = (3.0, 6.0)
+
+
 def closest_contact(atoms: Atoms) -> tuple[float, int, int]:
-    """Shortest interatomic distance (Å, minimum image for periodic cells) and its pair."""
+    """Shortest interatomic distance (Å, minimum image for periodic cells) and its pair (i < j);
+    an atom's distance to its own periodic images does not count."""
     n = len(atoms)
     if n < 2:
         return float("inf"), -1, -1
+    if n > _DENSE_CONTACT_ATOMS:
+        for radius in _CONTACT_RADII:
+            i, j, d = neighbour_pairs(atoms, radius, "ijd")
+            other = i != j
+            if other.any():
+                k = int(np.argmin(np.where(other, d, np.inf)))
+                return float(d[k]), int(min(i[k], j[k])), int(max(i[k], j[k]))
     d = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
     d[np.diag_indices(n)] = np.inf
     i, j = np.unravel_index(np.argmin(d), d.shape)

@@ -167,6 +167,42 @@ def test_overlap_uses_minimum_image_in_periodic_cells():
     assert overlap_problem(atoms) is None
 
 
+def _all_pairs_contact(atoms):
+    d = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
+    d[np.diag_indices(len(atoms))] = np.inf
+    return float(d.min())
+
+
+@pytest.mark.parametrize(
+    "cell, pbc",
+    [
+        (np.diag([9.0, 10.0, 11.0]), True),  # cubic-ish
+        ([[8.0, 0.0, 0.0], [3.0, 8.0, 0.0], [1.0, 2.0, 9.0]], True),  # triclinic
+        (np.diag([2.5, 2.5, 40.0]), [True, True, False]),  # a slab thinner than the search radius
+        (np.zeros((3, 3)), False),  # a cluster
+    ],
+)
+def test_closest_contact_of_large_structures_is_the_all_pairs_minimum(cell, pbc):
+    """Above a few dozen atoms the closest contact comes from neighbour lists (O(n), once per MD
+    step): the same distance as all minimum-image pairs, an atom's own images excluded."""
+    rng = np.random.default_rng(7)
+    for n, spread in ((40, 1.0), (120, 1.0), (60, 25.0)):  # dense, denser, sparse (beyond the radii)
+        box = np.asarray(cell, dtype=float)
+        frac = rng.random((n, 3)) * spread
+        positions = frac @ box if np.any(box) else rng.random((n, 3)) * 6.0 * spread
+        atoms = Atoms(f"H{n}", positions=positions, cell=cell, pbc=pbc)
+        dmin, i, j = closest_contact(atoms)
+        assert dmin == pytest.approx(_all_pairs_contact(atoms), abs=1e-9)
+        assert i < j and atoms.get_distance(i, j, mic=bool(np.any(atoms.pbc))) == pytest.approx(dmin, abs=1e-9)
+
+
+def test_an_atoms_own_periodic_images_are_not_its_closest_contact():
+    """A cell 1 Å along x, 42 atoms 2 Å apart in y and z: each atom's image is 1 Å away, another atom 2 Å."""
+    grid = np.array([[0.0, 2.0 * a, 2.0 * b] for a in range(6) for b in range(7)])
+    atoms = Atoms("H42", positions=grid, cell=[1.0, 12.0, 14.0], pbc=True)
+    assert closest_contact(atoms)[0] == pytest.approx(2.0)
+
+
 # --- rattled / labelled_copy -------------------------------------------------------------------
 
 

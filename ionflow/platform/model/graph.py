@@ -20,30 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from ase import Atoms
-from matscipy.neighbours import neighbour_list
 
-from ionflow.platform.structures import charge_of, multiplicity_of
-
-# A cluster is placed in a cubic box this much larger than its extent so that the
-# neighbour list of a non-periodic structure never sees an image.
-_FREE_PADDING = 2.0
-
-
-def _neighbours(atoms: Atoms, r_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edges within ``r_max`` (Å): sender, receiver, integer image shifts."""
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    positions = atoms.positions
-    cell = atoms.cell.array.copy()
-    if not pbc.all():
-        # matscipy wants a cell; give non-periodic directions one wide enough for no images.
-        extent = positions.max(axis=0) - positions.min(axis=0) + 2 * r_max + _FREE_PADDING
-        for axis in range(3):
-            if not pbc[axis]:
-                cell[axis] = 0.0
-                cell[axis, axis] = extent[axis]
-        positions = positions - positions.min(axis=0) * (~pbc)
-    i, j, shifts = neighbour_list("ijS", pbc=pbc, cell=cell, positions=positions, cutoff=r_max)
-    return i, j, shifts
+from ionflow.platform.structures import charge_of, multiplicity_of, neighbour_pairs
 
 
 def element_index(z_table: Sequence[int]) -> dict[int, int]:
@@ -66,7 +44,7 @@ def build_batch(
         if unknown:
             raise ValueError(f"structure {g} has elements {unknown} the model was not trained on {list(z_table)}")
         n = len(atoms)
-        i, j, S = _neighbours(atoms, r_max)
+        i, j, S = neighbour_pairs(atoms, r_max, "ijS")  # edges: sender, receiver, image shifts
         cell = atoms.cell.array if np.any(atoms.pbc) else np.zeros((3, 3))
         pos.append(atoms.positions)
         onehot = np.zeros((n, len(z_table)))
