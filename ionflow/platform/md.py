@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator, all_changes
 from ase.constraints import FixAtoms
@@ -23,7 +24,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from ionflow.platform.model.ensemble import Ensemble
 from ionflow.platform.model.graph import build_batch
-from ionflow.platform.structures import REF_PREFIX, closest_contact
+from ionflow.platform.structures import REF_PREFIX
 
 #: Closest contact (Å) below which a walker is stopped as unphysical.
 MIN_CONTACT = 0.5
@@ -43,16 +44,28 @@ class WalkerResult:
     wall_time_s: float = 0.0
 
 
+#: Verlet skin (Å): the walkers' neighbour list holds the pairs within r_max + skin and is rebuilt
+#: only once an atom has moved skin/2 since; every step keeps the pairs within r_max of it, so the
+#: model sees the graph a fresh neighbour list would give. 0 rebuilds it every step.
+VERLET_SKIN = 0.5
+
+
 class _WalkersCalculator(Calculator):
-    """Ensemble mean over a concatenation of walkers, with per-walker spreads."""
+    """Ensemble mean over a concatenation of walkers, with per-walker spreads and closest contacts."""
 
     implemented_properties = ["energy", "forces"]
 
-    def __init__(self, ensemble: Ensemble, templates: Sequence[Atoms]) -> None:
+    def __init__(self, ensemble: Ensemble, templates: Sequence[Atoms], skin: float = VERLET_SKIN) -> None:
         super().__init__()
+        if skin < 0:
+            raise ValueError(f"the Verlet skin must be >= 0 Å, got {skin}")
         self.ensemble = ensemble
         self.templates = list(templates)
         self.offsets = np.cumsum([0] + [len(t) for t in templates])
+        self.skin = float(skin)
+        self.rebuilds = 0
+        self._graph: dict[str, torch.Tensor] | None = None  # pairs within r_max + skin at _built
+        self._built: np.ndarray | None = None
 
     def split(self, positions: np.ndarray) -> list[Atoms]:
         frames = []
@@ -62,22 +75,45 @@ class _WalkersCalculator(Calculator):
             frames.append(frame)
         return frames
 
+    def _batch(self, positions: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """This step's graph and each pair's distance (Å) within r_max, taken from the list of pairs
+        within r_max + skin, rebuilt when an atom has moved more than skin/2 since it was built."""
+        moved = np.inf if self._built is None else float(np.sqrt(((positions - self._built) ** 2).sum(-1)).max())
+        if moved > 0.5 * self.skin:
+            self._graph = build_batch(
+                self.split(positions),
+                self.ensemble.z_table,
+                self.ensemble.r_max + self.skin,
+                dtype=self.ensemble.spec.dtype,
+                device=self.ensemble.device,
+            )
+            self._built = positions.copy()
+            self.rebuilds += 1
+        graph = self._graph
+        pos = torch.as_tensor(positions, dtype=graph["positions"].dtype, device=graph["positions"].device)
+        i, j = graph["edge_index"]
+        distance = torch.linalg.vector_norm(pos[j] - pos[i] + graph["shifts"], dim=-1)
+        keep = distance < self.ensemble.r_max
+        batch = dict(graph, positions=pos, edge_index=graph["edge_index"][:, keep])
+        batch["shifts"], batch["unit_shifts"] = graph["shifts"][keep], graph["unit_shifts"][keep]
+        return batch, distance[keep]
+
     def calculate(self, atoms=None, properties=None, system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        frames = self.split(self.atoms.positions)
-        batch = build_batch(
-            frames,
-            self.ensemble.z_table,
-            self.ensemble.r_max,
-            dtype=self.ensemble.spec.dtype,
-            device=self.ensemble.device,
-        )
+        batch, distance = self._batch(self.atoms.positions)
         pred = {k: v.cpu() for k, v in self.ensemble.predict(batch).items()}
+        # each walker's closest contact (Å) among its pairs within r_max (> MIN_CONTACT: a closer pair
+        # is always among them), an atom and its own images apart; inf where it has none
+        i, j = batch["edge_index"]
+        other = i != j
+        contact = torch.full((len(self.templates),), torch.inf, dtype=distance.dtype, device=distance.device)
+        contact = contact.scatter_reduce(0, batch["batch"][i[other]], distance[other], reduce="amin")
         self.results = {
             "energy": float(pred["energy"].sum()),
             "forces": pred["forces"].numpy().astype(float),
             "walker_energy_std": pred["energy_std"].numpy().astype(float),  # [walkers] eV
             "force_std": pred["force_std"].numpy().astype(float),  # [n_atoms] eV/Å
+            "closest_contact": contact.cpu().numpy().astype(float),  # [walkers] Å, inf beyond r_max
         }
 
 
@@ -92,9 +128,10 @@ def run_walkers(
     stop_uncertainty: float,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    skin: float = VERLET_SKIN,
 ) -> list[WalkerResult]:
     """Run one Langevin walker from each of ``starts`` for up to ``steps`` steps, at
-    ``temperature_K`` (K; one for all, or one per walker)."""
+    ``temperature_K`` (K; one for all, or one per walker); ``skin`` (Å): see :data:`VERLET_SKIN`."""
     t0 = time.perf_counter()
     templates = [s.copy() for s in starts]
     for t in templates:
@@ -107,7 +144,7 @@ def run_walkers(
     system = templates[0].copy()
     for t in templates[1:]:
         system += t
-    calc = _WalkersCalculator(ensemble, templates)
+    calc = _WalkersCalculator(ensemble, templates, skin)
     system.calc = calc
     rng = np.random.default_rng(seed)
     per_walker = np.broadcast_to(np.asarray(temperature_K, dtype=float), (len(templates),))
@@ -155,7 +192,7 @@ def run_walkers(
             lo, hi = calc.offsets[w], calc.offsets[w + 1]
             fstd = res["force_std"][lo:hi]
             steps_done[w] = step
-            contact = closest_contact(split[w])[0]
+            contact = res["closest_contact"][w]
             if contact < MIN_CONTACT:
                 reasons[w] = f"unphysical: atoms {contact:.2f} Å apart at step {step}"
             elif fstd.max() > stop_uncertainty:

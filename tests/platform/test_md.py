@@ -103,3 +103,52 @@ def test_each_walker_has_its_own_temperature(trained, h3o_labelled):
     assert hot > 3 * cold, (cold, hot)
     first, second = moved([1.0, 1.0])
     assert abs(first - cold) < 0.01 and abs(second - first) < 0.2 * first, (first, second)
+
+
+def _water_box(seed: int = 0):
+    """8 randomly turned H2O on a 2x2x2 grid of 3.1 Å: a periodic 6.2 Å cube at liquid density."""
+    from ase import Atoms
+    from scipy.spatial.transform import Rotation
+
+    from ionflow.platform.structures import with_charge_state
+
+    water = np.array([[0.0, 0.0, 0.0], [0.7572, 0.5865, 0.0], [-0.7572, 0.5865, 0.0]])
+    rng = np.random.default_rng(seed)
+    sites = (np.stack(np.meshgrid(*[np.arange(2)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) * 3.1
+    turns = Rotation.random(len(sites), random_state=seed)
+    positions = np.concatenate([turns[k].apply(water) + site for k, site in enumerate(sites)])
+    positions += rng.normal(scale=0.02, size=positions.shape)
+    return with_charge_state(Atoms("OH2" * 8, positions=positions, cell=[6.2] * 3, pbc=True), 0, 1)
+
+
+def test_verlet_list_gives_the_trajectory_of_a_fresh_neighbour_list_every_step(trained, h3o_labelled, monkeypatch):
+    """The walkers' pairs within r_max + skin, rebuilt only after an atom moved skin/2, give the
+    same forces, spreads and contacts as a neighbour list built afresh every step (skin 0): the
+    same trajectories, for a cluster and a periodic box side by side, in far fewer rebuilds."""
+    import ionflow.platform.md as md
+
+    builds = []
+    real = md.build_batch
+
+    def counted(*args, **kwargs):
+        builds.append(args[2])  # the cutoff it was built with
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(md, "build_batch", counted)
+    committee = trained[0]
+    starts = [h3o_labelled[0], _water_box()]
+    hot = dict(MD, temperature_K=600.0, sample_every=10)
+    runs = {}
+    for skin in (0.5, 0.0):
+        builds.clear()
+        runs[skin] = run_walkers(committee, starts, steps=60, stop_uncertainty=1e3, seed=4, skin=skin, **hot)
+        runs[f"builds {skin}"] = list(builds)
+    assert len(runs["builds 0.0"]) == 61  # the first forces and one per step
+    assert 1 < len(runs["builds 0.5"]) < 20, "the Verlet list was rebuilt too seldom or too often"
+    assert runs["builds 0.5"][0] == pytest.approx(committee.r_max + 0.5)
+    for a, b in zip(runs[0.5], runs[0.0]):
+        assert a.stop_reason == b.stop_reason and a.n_steps_done == b.n_steps_done
+        np.testing.assert_allclose(a.last.positions, b.last.positions, atol=1e-9)
+        assert [f.info["force_std_max"] for f in a.frames] == pytest.approx([f.info["force_std_max"] for f in b.frames])
+    with pytest.raises(ValueError, match="skin"):
+        run_walkers(committee, starts, steps=1, stop_uncertainty=1e3, seed=4, skin=-0.1, **hot)
