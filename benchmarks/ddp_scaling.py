@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -158,12 +156,6 @@ def write_results(text: str) -> None:
     write_section(text, HEADING)
 
 
-def machine() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = re.search(r"Model name:\s*(.+)", lscpu)
-    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 frames, 3 epochs, no RESULTS.md")
@@ -228,11 +220,12 @@ def main() -> None:
     text = table(rows)
     print(text)
     import torch
+    from training_throughput import cpu_description
 
     command = "python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:])
     model = f"{args.uncertainty} K={args.ensemble_size}, {args.electrostatics}, ModelConfig defaults otherwise"
     report = (
-        f"Machine: {machine()}; ionflow {version('ionflow')}, torch {torch.__version__}; {model}; {data}; "
+        f"Machine: {cpu_description()}; ionflow {version('ionflow')}, torch {torch.__version__}; {model}; {data}; "
         f"{epochs} epochs, median of epochs 2..{epochs}. Command: `{command.strip()}` "
         f"({(time.perf_counter() - started) / 60:.1f} min).\n\n{text}\n"
     )

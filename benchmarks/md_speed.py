@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from electrostatics_cost import E0, Z_TABLE, nacl_in_water  # noqa: E402
-from training_throughput import machine, write_results  # noqa: E402
+from training_throughput import cpu_description, write_results  # noqa: E402
 
 import ionflow.platform.md as md  # noqa: E402
 from ionflow.config import ModelConfig  # noqa: E402
@@ -103,7 +103,7 @@ def measure(args: argparse.Namespace) -> dict:
     row = {
         "atoms": n,
         "box": "x".join(f"{x:.1f}" for x in atoms.cell.lengths()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine().replace(", no GPU", ""),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description(),
         "dtype": args.dtype + (" (backbone float32)" if args.mixed_precision else ""),
         "members": args.members,
         "skin": args.skin,

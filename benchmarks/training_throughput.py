@@ -295,10 +295,11 @@ def run_mace(data: Dataset, epochs: int, threads: int) -> dict:
     return {"wall_s": wall, "epoch_s": list(np.diff(stamps)), "epochs_logged": len(stamps), "params_per_model": params}
 
 
-def run_ionflow(
+def ionflow_job(
     data: Dataset, epochs: int, threads: int, uncertainty: str, k: int, electrostatics: str, nll: float | None
 ) -> dict:
-    job = {
+    """What :func:`worker` trains: the data's files, the model kind and the training length."""
+    return {
         "train": str(data.train_path),
         "valid": str(data.valid_path),
         "uncertainty": uncertainty,
@@ -309,6 +310,12 @@ def run_ionflow(
         "batch_size": data.batch_size,
         "threads": threads,
     }
+
+
+def run_ionflow(
+    data: Dataset, epochs: int, threads: int, uncertainty: str, k: int, electrostatics: str, nll: float | None
+) -> dict:
+    job = ionflow_job(data, epochs, threads, uncertainty, k, electrostatics, nll)
     return run_worker([sys.executable, __file__, "--worker", json.dumps(job)], threads, "ionflow worker")
 
 
@@ -446,10 +453,15 @@ def source_state() -> str:
     return f"commit {head or 'unknown'}" + (" with uncommitted changes in ionflow/" if dirty else "")
 
 
-def machine() -> str:
+def cpu_description() -> str:
+    """The CPU's model name (lscpu) and core count."""
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = re.search(r"Model name:\s*(.+)", lscpu)
-    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, no GPU"
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores"
+
+
+def machine() -> str:
+    return f"{cpu_description()}, no GPU"
 
 
 def write_results(text: str, heading: str = HEADING) -> None:
@@ -477,17 +489,7 @@ def profile(args: argparse.Namespace) -> None:
     n_frames, batch_size = {"clusters": (200, 32), "box": (24, 4)}[kind]
     with tempfile.TemporaryDirectory(prefix="ionflow_throughput_") as tmp:
         data = prepare(kind, n_frames, batch_size, Path(tmp), args.data)
-        job = {
-            "train": str(data.train_path),
-            "valid": str(data.valid_path),
-            "uncertainty": uncertainty,
-            "k": k,
-            "electrostatics": electrostatics,
-            "nll": nll,
-            "epochs": args.epochs or 2,
-            "batch_size": batch_size,
-            "threads": args.threads,
-        }
+        job = ionflow_job(data, args.epochs or 2, args.threads, uncertainty, k, electrostatics, nll)
         profiler = cProfile.Profile()
         profiler.runcall(worker, job)
     stats = pstats.Stats(profiler)
