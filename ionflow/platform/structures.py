@@ -115,8 +115,9 @@ def neighbour_pairs(atoms: Atoms, cutoff: float, quantities: str = "ijS") -> tup
 
 
 #: Up to this many atoms the closest contact comes from all pair distances; above, from neighbour
-#: lists within the radii below (Å), which cost O(n) instead of O(n²): 0.78 s for 1017 periodic atoms
-#: with ASE's minimum-image distances, once per MD step.
+#: lists within the radii below (Å), which cost O(n) time and memory instead of O(n²) (ASE's
+#: minimum-image distances: 0.78 s for 1017 periodic atoms, n² x 3 floats of memory). MD walkers take
+#: their contacts from their own neighbour list instead (``md._WalkersCalculator``).
 _DENSE_CONTACT_ATOMS = 32
 _CONTACT_RADII = (3.0, 6.0)
 
